@@ -1,0 +1,269 @@
+"""The Llama 2 architecture, as llama2.c has it: the ground truth for every runtime.
+
+RMSNorm, rotary embeddings on adjacent pairs (llama2.c's layout; Hugging Face uses
+half-split heads, see export.py), grouped-query attention, a SwiGLU feed-forward,
+and a classifier tied to the token embedding. `generate()` keeps a KV cache.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    vocab_size: int = 32000
+    hidden_dim: int | None = None  # None: derived from dim and multiple_of, as in Llama 2
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * (4 * self.dim) / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head size {self.dim // self.n_heads} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    """cos and sin of position * frequency, shape (max_seq_len, head_dim // 2)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len).float(), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its angle.
+
+    x: (B, T, n_heads, head_dim); cos, sin: (T, head_dim // 2).
+    """
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.dropout = args.dropout
+        self.resid_dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, kv_cache=None, start_pos: int = 0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+
+        if kv_cache is None:
+            mask, is_causal = None, True
+        else:
+            # Store this step's keys/values, then attend over everything so far.
+            cache_k, cache_v = kv_cache
+            cache_k[:B, :, start_pos : start_pos + T] = k
+            cache_v[:B, :, start_pos : start_pos + T] = v
+            k, v = cache_k[:B, :, : start_pos + T], cache_v[:B, :, : start_pos + T]
+            query_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+            mask = torch.arange(start_pos + T, device=x.device)[None, :] <= query_pos[:, None]
+            is_causal = False
+
+        # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
+        n_rep = self.n_heads // self.n_kv_heads
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_dropout(self.wo(out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, kv_cache=None, start_pos: int = 0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv_cache, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.dropout = nn.Dropout(args.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied classifier, as llama2.c trains it
+
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+        self.apply(self._init_weights)
+        # Scaled init of the projections that write into the residual stream (GPT-2 paper).
+        for name, p in self.named_parameters():
+            if name.endswith(("w3.weight", "wo.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @property
+    def shares_classifier(self) -> bool:
+        return self.output.weight is self.tok_embeddings.weight
+
+    def untie_classifier(self) -> None:
+        """Give the classifier its own weight (files whose classifier is stored separately)."""
+        if self.shares_classifier:
+            self.output.weight = nn.Parameter(self.tok_embeddings.weight.detach().clone())
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens, targets=None, kv_cache=None, start_pos: int = 0):
+        """tokens (B, T) -> (logits (B, T, vocab), loss or None).
+
+        With a kv_cache (from new_kv_cache), tokens are positions start_pos.. of a
+        sequence whose earlier keys/values the cache already holds.
+        """
+        T = tokens.shape[1]
+        if start_pos + T > self.args.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
+        cos = self.rope_cos[start_pos : start_pos + T]
+        sin = self.rope_sin[start_pos : start_pos + T]
+        h = self.dropout(self.tok_embeddings(tokens))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos)
+        logits = self.output(self.norm(h)).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_kv_cache(self, batch_size: int = 1):
+        """One (keys, values) pair per layer, each (B, n_kv_heads, max_seq_len, head_dim)."""
+        a, p = self.args, self.tok_embeddings.weight
+        shape = (batch_size, a.n_kv_heads, a.max_seq_len, a.head_dim)
+        return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(a.n_layers)]
+
+    @torch.inference_mode()
+    def stream(self, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None,
+               stop_tokens=(), use_cache: bool = True):
+        """Yield new token ids (B,) one step at a time, continuing `tokens` (B, T).
+
+        Stops early once every sequence has produced one of `stop_tokens`
+        (e.g. BOS/EOS). Stops at max_seq_len.
+        """
+        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - tokens.shape[1])
+        cache = self.new_kv_cache(tokens.shape[0]) if use_cache else None
+        seq, pos, step_input = tokens, 0, tokens
+        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits, _ = self(step_input, kv_cache=cache, start_pos=pos)
+                pos += step_input.shape[1]
+            else:
+                logits, _ = self(seq)  # recompute the whole sequence, as llama2.c's model.py does
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            yield next_token
+            seq = torch.cat((seq, next_token[:, None]), dim=1)
+            step_input = next_token[:, None]
+            done |= torch.isin(next_token, torch.tensor(list(stop_tokens), dtype=next_token.dtype,
+                                                        device=next_token.device))
+            if done.all():
+                return
+
+    def generate(self, tokens, max_new_tokens: int, **kwargs):
+        """Return `tokens` (B, T) extended by up to max_new_tokens sampled tokens."""
+        new = list(self.stream(tokens, max_new_tokens, **kwargs))
+        return torch.cat([tokens] + [t[:, None] for t in new], dim=1)
+
+    @classmethod
+    def from_bin(cls, path: str) -> "Transformer":
+        """Load any llama2.c model.bin (v0, v1, v2; v2 is dequantised)."""
+        from export import load_model_bin  # export.py owns the file formats
+
+        return load_model_bin(path)
+
+
+def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None):
+    """logits (B, vocab) -> token ids (B,). Temperature 0 is greedy (argmax)."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and 0.0 < top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose total probability reaches top_p.
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
