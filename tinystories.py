@@ -24,6 +24,7 @@ The first shard is the validation split, the rest are the training split.
 import argparse
 import glob
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -38,6 +39,7 @@ from multiprocessing import Pool
 import numpy as np
 import requests
 import torch
+import urllib3
 from tqdm import tqdm
 
 from tokenizer import Tokenizer, TokenizerError
@@ -97,8 +99,7 @@ def download_file(url: str, dest: str, sha256: str | None = None, retries: int =
         try:
             _download_once(url, part, chunk_size, timeout)
             break
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                RetryableError) as e:
+        except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError, RetryableError) as e:
             if attempt == retries:
                 raise DataError(f"download of {url} failed after {retries + 1} tries: {e}") from None
             wait = backoff * 2 ** attempt
@@ -143,7 +144,8 @@ def _download_once(url: str, part: str, chunk_size: int, timeout: float) -> None
             mode = "wb"
         with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                          unit_divisor=1024, desc=os.path.basename(url)) as bar:
-            for chunk in r.iter_content(chunk_size=chunk_size):
+            # read1: whatever has arrived (up to chunk_size), so a cut connection loses no received bytes
+            for chunk in iter(lambda: r.raw.read1(chunk_size), b""):
                 f.write(chunk)
                 bar.update(len(chunk))
     size = os.path.getsize(part)
@@ -549,7 +551,7 @@ def _tokenize_shard(job: tuple[str, str, str]) -> dict:
     with open(json_path, encoding="utf-8") as f:
         stories = [example["story"].strip() for example in json.load(f)]
     ids = enc.sp.encode(stories, add_bos=True)  # batched in C++: each story BOS + tokens, no EOS
-    tokens = np.fromiter((t for story in ids for t in story), dtype=np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(map(len, ids)))
     max_id = int(tokens.max()) if tokens.size else 0
     assert max_id <= MAX_VOCAB_SIZE, f"token id {max_id} does not fit uint16"
     out = os.path.join(out_dir, os.path.basename(json_path)[: -len(".json")] + ".bin")
