@@ -8,6 +8,14 @@ VENV_STAMP := $(VENV)/.installed
 
 .PHONY: venv test demo lint
 
+# The tests build the C runtime themselves through the targets below.
+test: $(VENV_STAMP)
+	$(PY) -m pytest -q
+
+# Offline end to end: synthetic corpus -> vocab -> shards -> train -> model.bin -> samples.
+demo: $(VENV_STAMP)
+	PY=$(PY) bash scripts/demo.sh
+
 venv: $(VENV_STAMP)
 
 $(VENV_STAMP): requirements-ci.txt pyproject.toml

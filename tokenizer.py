@@ -60,7 +60,7 @@ class Tokenizer:
         pieces = [self.piece_bytes(i) for i in range(self.n_words)]
         scores = [self.sp.get_score(i) for i in range(self.n_words)]
         chunks = [struct.pack("<I", max(len(p) for p in pieces))]
-        for piece, score in zip(pieces, scores):
+        for piece, score in zip(pieces, scores, strict=True):
             chunks.append(struct.pack("<fI", score, len(piece)))
             chunks.append(piece)
         tmp = out_path + ".tmp"
