@@ -122,10 +122,12 @@ def _download_once(url: str, part: str, chunk_size: int, timeout: float) -> None
     if offset > 0:
         headers["Range"] = f"bytes={offset}-"
     with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
-        if r.status_code == 416:  # our .part is not a prefix of what the server has: start again
-            os.remove(part)
+        if r.status_code == 416:  # nothing left at that offset: "Content-Range: bytes */total"
+            if r.headers.get("Content-Range", "").rpartition("/")[2] == str(offset):
+                return  # the .part was complete already (stopped before its rename)
+            os.remove(part)  # our .part is longer than the file: start again
             raise RetryableError(f"server refused resuming at byte {offset}; restarting from zero")
-        if r.status_code >= 500:
+        if r.status_code >= 500 or r.status_code in (408, 429):
             raise RetryableError(f"HTTP {r.status_code} from {url}")
         if r.status_code not in (200, 206):
             raise DataError(f"HTTP {r.status_code} from {url}")
@@ -145,7 +147,8 @@ def _download_once(url: str, part: str, chunk_size: int, timeout: float) -> None
         with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                          unit_divisor=1024, desc=os.path.basename(url)) as bar:
             # read1: whatever has arrived (up to chunk_size), so a cut connection loses no received bytes
-            for chunk in iter(lambda: r.raw.read1(chunk_size), b""):
+            read = getattr(r.raw, "read1", r.raw.read)  # (read1 is urllib3 >= 2.2)
+            for chunk in iter(lambda: read(chunk_size), b""):
                 f.write(chunk)
                 bar.update(len(chunk))
     size = os.path.getsize(part)
@@ -593,9 +596,9 @@ def pretokenize(vocab_size: int = 0, data_dir: str = DATA_DIR, tokenizer: str = 
         json.dump(meta, f, indent=1)
     os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
     stats = {"stories": sum(r["stories"] for r in results), "tokens": sum(r["n_tokens"] for r in results),
-             "seconds": seconds}
+             "seconds": seconds, "stories_per_s": sum(r["stories"] for r in results) / max(seconds, 1e-9)}
     print(f"pretokenized {stats['stories']} stories ({stats['tokens']} tokens) into {out_dir} in {seconds:.1f}s: "
-          f"{stats['stories'] / max(seconds, 1e-9):.0f} stories/s, {workers} workers")
+          f"{stats['stories_per_s']:.0f} stories/s, {workers} workers")
     return stats
 
 

@@ -63,6 +63,12 @@ class Server:
                 rng = self.headers.get("Range")
                 if rng and not server.ignore_range:
                     start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
@@ -165,6 +171,18 @@ def test_server_ignoring_range_restarts_from_zero(tmp_path, serve):
     srv = serve(payload, ignore_range=True)
     ts.download(str(tmp_path), base_url=srv.url, backoff=0.01)
     assert srv.requests[0]["Range"] == "bytes=33-"
+    assert (tmp_path / ts.ARCHIVE).read_bytes() == payload
+
+
+@pytest.mark.parametrize("extra", [0, 10])
+def test_part_that_is_complete_or_too_long(tmp_path, serve, extra):
+    """A .part holding the whole file (a crash before its rename) is kept: the server answers 416 for the
+    range after its end. One longer than the file is downloaded again from zero."""
+    payload = make_archive()
+    (tmp_path / (ts.ARCHIVE + ".part")).write_bytes(payload + b"x" * extra)
+    srv = serve(payload)
+    ts.download(str(tmp_path), base_url=srv.url, backoff=0.01)
+    assert [r.get("Range") for r in srv.requests] == [f"bytes={len(payload) + extra}-"] + [None] * (extra > 0)
     assert (tmp_path / ts.ARCHIVE).read_bytes() == payload
 
 
