@@ -28,4 +28,42 @@ lint: $(VENV_STAMP)
 
 # ---------------------------------------------------------------- C runtime (owned by the C runtime section)
 # C-RUNTIME-BEGIN
+# C runtime (run.c): the llama2.c targets, plus a sanitizer build, the shared
+# library for runtime.py, and the libFuzzer harnesses. `make CC=clang ...` works.
+CC = gcc
+RUN_WARN = -Wall -Wextra -Wno-unknown-pragmas
+FUZZ_SECONDS ?= 30
+
+.PHONY: runfast runomp rundebug runsan lib fuzz clean
+
+run: run.c
+	$(CC) -O3 $(RUN_WARN) -o run run.c -lm
+runfast: run.c
+	$(CC) -Ofast $(RUN_WARN) -o run run.c -lm
+# the recommended fast build
+runomp: run.c
+	$(CC) -Ofast -fopenmp -march=native $(RUN_WARN) -o run run.c -lm
+rundebug: run.c
+	$(CC) -g -O0 $(RUN_WARN) -o run run.c -lm
+# ASan + UBSan, any error aborts; used by tests/test_run_bad_input.py
+runsan: run_san
+run_san: run.c
+	$(CC) -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
+		$(RUN_WARN) -o run_san run.c -lm
+# librun.so for runtime.py. Linked in a separate step without -Ofast so gcc does
+# not add crtfastmath.o, which would turn on flush-to-zero in the whole Python process.
+lib: librun.so
+librun.so: run.c
+	$(CC) -Ofast -fopenmp -march=native -fPIC -DRUN_LIBRARY $(RUN_WARN) -c run.c -o librun.o
+	$(CC) -shared -fopenmp librun.o -o librun.so -lm
+	rm -f librun.o
+# libFuzzer (clang): model and tokenizer loaders, FUZZ_SECONDS each (findings: FUZZING.md)
+fuzz: fuzz_run.c run.c
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -DFUZZ_MODEL -o fuzz_model fuzz_run.c -lm
+	clang -g -O1 -fsanitize=fuzzer,address,undefined -DFUZZ_TOKENIZER -o fuzz_tokenizer fuzz_run.c -lm
+	mkdir -p fuzz_corpus/model fuzz_corpus/tokenizer
+	./fuzz_model -max_total_time=$(FUZZ_SECONDS) -max_len=4096 fuzz_corpus/model
+	./fuzz_tokenizer -max_total_time=$(FUZZ_SECONDS) -max_len=4096 fuzz_corpus/tokenizer
+clean::
+	rm -f run run_san librun.so librun.o fuzz_model fuzz_tokenizer
 # C-RUNTIME-END

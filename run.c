@@ -1,0 +1,1366 @@
+/* run.c: inference for Llama 2 models in llama2.c's model.bin format, in one C file.
+ *
+ * Reads model.bin version 0 (legacy, fp32), 1 (fp32 with header) and 2 (int8 Q8_0)
+ * by looking at the header; fp32 and int8 share one forward pass. Weights are
+ * memory-mapped, never copied. Sections: utilities, model, forward pass, tokenizer,
+ * sampler, generation loop, library API, CLI.
+ *
+ *   make runomp && ./run model.bin -n 256 -i "Once upon a time"
+ *
+ * Build with -DRUN_LIBRARY to drop main() (librun.so, used by runtime.py). */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+#endif
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define HAVE_VNNI 1
+#endif
+
+/* ------------------------------------------------------------------ utilities */
+
+/* Errors are reported through a message buffer, never exit(): the library
+ * returns NULL/-1 and runtime.py raises the message; the CLI prints it. */
+static _Thread_local char err_msg[512];
+
+static void set_err(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err_msg, sizeof err_msg, fmt, ap);
+    va_end(ap);
+}
+
+static int32_t rd_i32(const unsigned char *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static float rd_f32(const unsigned char *p) { float v; memcpy(&v, p, 4); return v; }
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* ------------------------------------------------------------------ model */
+
+#define MODEL_MAGIC 0x616b3432u
+#define BOS 1
+#define EOS 2
+
+typedef struct {
+    int dim;        /* D: residual stream width */
+    int hidden_dim; /* H: feed-forward width */
+    int n_layers;   /* L */
+    int n_heads;    /* query heads */
+    int n_kv_heads; /* key/value heads (< n_heads: grouped-query attention) */
+    int vocab_size; /* V (positive here; v0's sign is turned into `shared`) */
+    int seq_len;    /* S: maximum positions */
+} Config;
+
+/* One weight matrix (out × in, row-major): either fp32 (f) or Q8_0 int8 values
+ * q with one fp32 scale per group_size consecutive values (s). */
+typedef struct {
+    const float *f;
+    const int8_t *q;
+    const float *s;
+} Mat;
+
+typedef struct {
+    const float *rms_att;   /* L × D */
+    const float *rms_ffn;   /* L × D */
+    const float *rms_final; /* D */
+    Mat emb;                /* V × D token embedding */
+    Mat cls;                /* V × D classifier (== emb when shared) */
+    Mat *wq, *wk, *wv, *wo, *w1, *w2, *w3; /* n_layers each, one allocation */
+} Weights;
+
+typedef struct {
+    float *x, *xb, *xb2;      /* D: residual stream, normed input / attention out, branch out */
+    float *hb, *hb2;          /* H: feed-forward */
+    float *q;                 /* D: query */
+    float *att;               /* n_heads × S: attention scores */
+    float *logits;            /* V */
+    float *key_cache;         /* L × S × kvD */
+    float *value_cache;       /* L × S × kvD */
+    int8_t *xq;               /* quantized matmul input (int8 models), max(D,H) */
+    float *xs;                /* its group scales */
+    float *rope_cos, *rope_sin; /* S × hs/2, computed once at load */
+} RunState;
+
+typedef struct {
+    Config c;
+    int version;    /* 0, 1 or 2 */
+    int shared;     /* classifier shares the embedding */
+    int gs;         /* Q8_0 group size (v2), 0 for fp32 */
+    Weights w;
+    RunState s;
+    void *map;      /* mmap of the file (NULL when parsing a caller's buffer) */
+    size_t map_size;
+} Transformer;
+
+static void free_state(Transformer *t) {
+    RunState *s = &t->s;
+    free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q);
+    free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
+    free(s->xq); free(s->xs); free(s->rope_cos); free(s->rope_sin);
+    free(t->w.wq);
+    memset(s, 0, sizeof *s);
+    t->w.wq = NULL;
+}
+
+/* Header sanity bounds. They keep every size product below 2^50 so the
+ * size arithmetic below cannot overflow uint64, and reject absurd headers
+ * before we allocate anything from them. */
+#define MAX_DIM (1 << 16)
+#define MAX_HIDDEN (1 << 20)
+#define MAX_LAYERS (1 << 10)
+#define MAX_VOCAB (1 << 24)
+#define MAX_SEQ (1 << 20)
+#define MAX_STATE_BYTES (16ull << 30)
+
+static int check_config(const Config *c, const char *name) {
+    const int *v = &c->dim;
+    static const char *names[7] = {"dim", "hidden_dim", "n_layers", "n_heads",
+                                   "n_kv_heads", "vocab_size", "seq_len"};
+    static const int maxv[7] = {MAX_DIM, MAX_HIDDEN, MAX_LAYERS, MAX_DIM, MAX_DIM, MAX_VOCAB, MAX_SEQ};
+    for (int i = 0; i < 7; i++)
+        if (v[i] <= 0 || v[i] > maxv[i]) {
+            set_err("%s: bad header: %s = %d (must be 1..%d)", name, names[i], v[i], maxv[i]);
+            return -1;
+        }
+    if (c->dim % c->n_heads || (c->dim / c->n_heads) % 2) {
+        set_err("%s: bad header: dim %d must split into %d heads of even size", name, c->dim, c->n_heads);
+        return -1;
+    }
+    if (c->n_kv_heads > c->n_heads || c->n_heads % c->n_kv_heads) {
+        set_err("%s: bad header: n_heads %d is not a multiple of n_kv_heads %d", name, c->n_heads,
+                c->n_kv_heads);
+        return -1;
+    }
+    return 0;
+}
+
+/* Bytes of one quantized matrix: int8 values then one fp32 scale per group. */
+static uint64_t qbytes(uint64_t numel, int gs) { return numel + 4 * (numel / gs); }
+
+/* Exact file size the header implies; with check_config's bounds no overflow. */
+static uint64_t expected_size(const Config *c, int version, int shared, int gs) {
+    uint64_t D = c->dim, H = c->hidden_dim, L = c->n_layers, V = c->vocab_size, S = c->seq_len;
+    uint64_t hs = D / c->n_heads, kvD = (uint64_t)c->n_kv_heads * hs;
+    uint64_t norms = 2 * L * D + D;
+    uint64_t per_layer = 2 * D * D + 2 * kvD * D + 3 * H * D; /* wq wo, wk wv, w1 w2 w3 */
+    if (version == 0)
+        return 28 + 4 * (norms + V * D + L * per_layer + 2 * S * (hs / 2) + (shared ? 0 : V * D));
+    if (version == 1)
+        return 256 + 4 * (norms + V * D + L * per_layer + (shared ? 0 : V * D));
+    uint64_t q = qbytes(V * D, gs) * (shared ? 1 : 2);
+    q += L * (2 * qbytes(D * D, gs) + 2 * qbytes(kvD * D, gs) + 3 * qbytes(H * D, gs));
+    return 256 + 4 * norms + q;
+}
+
+typedef struct {
+    const unsigned char *p;
+    size_t left;
+} Cursor;
+
+/* Sizes were checked against the header up front, so take() cannot run out;
+ * it still checks, so a bug here is an error message rather than a wild read. */
+static const void *take(Cursor *cur, uint64_t bytes) {
+    if (bytes > cur->left) return NULL;
+    const void *r = cur->p;
+    cur->p += bytes;
+    cur->left -= bytes;
+    return r;
+}
+
+static int take_f32(Cursor *cur, const float **out, uint64_t n) {
+    *out = take(cur, 4 * n);
+    return *out ? 0 : -1;
+}
+
+static int take_q(Cursor *cur, Mat *m, uint64_t numel, int gs) {
+    m->f = NULL;
+    m->q = take(cur, numel);
+    m->s = take(cur, 4 * (numel / gs));
+    if (!m->q || !m->s) return -1;
+    if ((uintptr_t)m->s % 4) return -2; /* only possible for group sizes 1 and 2 */
+    return 0;
+}
+
+/* Parse a model held in memory (the mapped file, or a fuzzer's buffer). */
+static int parse_model(Transformer *t, const unsigned char *data, size_t size, const char *name) {
+    memset(&t->w, 0, sizeof t->w);
+    memset(&t->s, 0, sizeof t->s);
+    if (size == 0) { set_err("%s: file is empty", name); return -1; }
+    if (size < 28) { set_err("%s: file is %zu bytes, too short for a header", name, size); return -1; }
+    Config *c = &t->c;
+    int hdr_ints = 0;
+    uint32_t magic;
+    memcpy(&magic, data, 4);
+    if (magic == MODEL_MAGIC) {
+        if (size < 256) { set_err("%s: file is %zu bytes, cut off inside the 256-byte header", name, size); return -1; }
+        t->version = rd_i32(data + 4);
+        if (t->version != 1 && t->version != 2) {
+            set_err("%s: unknown model.bin version %d (this runtime reads 0, 1 and 2)", name, t->version);
+            return -1;
+        }
+        hdr_ints = 8;
+        int flag = data[36];
+        if (flag > 1) { set_err("%s: bad header: shared_classifier flag is %d (must be 0 or 1)", name, flag); return -1; }
+        t->shared = flag;
+        t->gs = t->version == 2 ? rd_i32(data + 37) : 0; /* unaligned, hence rd_i32 */
+    } else {
+        t->version = 0;
+        hdr_ints = 0;
+        t->gs = 0;
+    }
+    int *cv = &c->dim;
+    for (int i = 0; i < 7; i++) cv[i] = rd_i32(data + 4 * (hdr_ints + i));
+    if (t->version == 0) {
+        /* v0 has no magic: negative vocab means an unshared classifier at the end */
+        if (c->vocab_size == INT_MIN) c->vocab_size = 0;
+        t->shared = c->vocab_size > 0;
+        if (c->vocab_size < 0) c->vocab_size = -c->vocab_size;
+    }
+    if (check_config(c, name) < 0) {
+        if (t->version == 0 && magic != MODEL_MAGIC) {
+            /* no magic and no plausible v0 header: say both */
+            char tmp[sizeof err_msg];
+            snprintf(tmp, sizeof tmp, "%s", err_msg);
+            set_err("%s (no magic 0x%08x, read as version 0)", tmp, MODEL_MAGIC);
+        }
+        return -1;
+    }
+    int D = c->dim, H = c->hidden_dim, kvD = c->n_kv_heads * (D / c->n_heads);
+    if (t->version == 2) {
+        if (t->gs <= 0 || D % t->gs || H % t->gs) {
+            set_err("%s: group size %d does not divide dim %d and hidden_dim %d", name, t->gs, D, H);
+            return -1;
+        }
+    }
+    uint64_t want = expected_size(c, t->version, t->shared, t->gs);
+    if (want != size) {
+        set_err("%s: file is %zu bytes but its version-%d header (dim %d, hidden_dim %d, n_layers %d, "
+                "n_heads %d, n_kv_heads %d, vocab_size %d, seq_len %d%s) needs %llu bytes%s",
+                name, size, t->version, c->dim, c->hidden_dim, c->n_layers, c->n_heads, c->n_kv_heads,
+                c->vocab_size, c->seq_len, t->shared ? "" : ", unshared classifier",
+                (unsigned long long)want, size < want ? " (cut off?)" : "");
+        return -1;
+    }
+
+    /* point the weights into the buffer */
+    Weights *w = &t->w;
+    int L = c->n_layers, V = c->vocab_size, gs = t->gs;
+    w->wq = calloc(7 * (size_t)L, sizeof(Mat));
+    if (!w->wq) { set_err("%s: out of memory", name); return -1; }
+    w->wk = w->wq + L; w->wv = w->wk + L; w->wo = w->wv + L;
+    w->w1 = w->wo + L; w->w2 = w->w1 + L; w->w3 = w->w2 + L;
+    Cursor cur = {data + (t->version == 0 ? 28 : 256), size - (t->version == 0 ? 28 : 256)};
+    int bad = 0;
+    Mat *mats[7] = {w->wq, w->wk, w->wv, w->wo, w->w1, w->w2, w->w3};
+    uint64_t rows[7] = {D, kvD, kvD, D, H, D, H}, cols[7] = {D, D, D, D, D, H, D};
+    if (t->version <= 1) {
+        const float *emb = NULL, *all[7], *rope = NULL;
+        if (t->version == 0) {
+            bad |= take_f32(&cur, &emb, (uint64_t)V * D);
+            bad |= take_f32(&cur, &w->rms_att, (uint64_t)L * D);
+            for (int k = 0; k < 7; k++) {
+                if (k == 4) bad |= take_f32(&cur, &w->rms_ffn, (uint64_t)L * D);
+                bad |= take_f32(&cur, &all[k], L * rows[k] * cols[k]);
+            }
+            bad |= take_f32(&cur, &w->rms_final, D);
+            bad |= take_f32(&cur, &rope, (uint64_t)c->seq_len * (D / c->n_heads / 2) * 2); /* unused */
+        } else {
+            bad |= take_f32(&cur, &w->rms_att, (uint64_t)L * D);
+            bad |= take_f32(&cur, &w->rms_ffn, (uint64_t)L * D);
+            bad |= take_f32(&cur, &w->rms_final, D);
+            bad |= take_f32(&cur, &emb, (uint64_t)V * D);
+            for (int k = 0; k < 7; k++) bad |= take_f32(&cur, &all[k], L * rows[k] * cols[k]);
+        }
+        w->emb.f = emb;
+        if (t->shared) w->cls = w->emb;
+        else bad |= take_f32(&cur, &w->cls.f, (uint64_t)V * D);
+        if (!bad)
+            for (int k = 0; k < 7; k++)
+                for (int l = 0; l < L; l++) mats[k][l].f = all[k] + (size_t)l * rows[k] * cols[k];
+    } else {
+        bad |= take_f32(&cur, &w->rms_att, (uint64_t)L * D);
+        bad |= take_f32(&cur, &w->rms_ffn, (uint64_t)L * D);
+        bad |= take_f32(&cur, &w->rms_final, D);
+        int r = take_q(&cur, &w->emb, (uint64_t)V * D, gs);
+        for (int k = 0; k < 7 && !r; k++)
+            for (int l = 0; l < L && !r; l++) r = take_q(&cur, &mats[k][l], rows[k] * cols[k], gs);
+        if (!r) {
+            if (t->shared) w->cls = w->emb;
+            else r = take_q(&cur, &w->cls, (uint64_t)V * D, gs);
+        }
+        if (r == -2) {
+            set_err("%s: group size %d leaves scales unaligned (unsupported)", name, gs);
+            free(w->wq); w->wq = NULL;
+            return -1;
+        }
+        bad |= r;
+    }
+    if (bad || cur.left) { /* unreachable after the size check */
+        set_err("%s: internal size mismatch", name);
+        free(w->wq); w->wq = NULL;
+        return -1;
+    }
+
+    /* run state: everything the forward pass needs, allocated once */
+    RunState *s = &t->s;
+    int S = c->seq_len, hs = D / c->n_heads, maxDH = D > H ? D : H;
+    uint64_t kv_bytes = 2ull * L * S * kvD * 4;
+    if (kv_bytes > MAX_STATE_BYTES) {
+        set_err("%s: KV cache for seq_len %d would need %.1f GiB", name, S, kv_bytes / 1073741824.0);
+        free(w->wq); w->wq = NULL;
+        return -1;
+    }
+    s->x = calloc(D, 4); s->xb = calloc(D, 4); s->xb2 = calloc(D, 4);
+    s->hb = calloc(H, 4); s->hb2 = calloc(H, 4); s->q = calloc(D, 4);
+    s->att = calloc((size_t)c->n_heads * S, 4); s->logits = calloc(V, 4);
+    s->key_cache = calloc((size_t)L * S * kvD, 4); s->value_cache = calloc((size_t)L * S * kvD, 4);
+    s->xq = calloc(maxDH + 64, 1); s->xs = calloc(maxDH + 64, 4);
+    s->rope_cos = calloc((size_t)S * hs / 2, 4); s->rope_sin = calloc((size_t)S * hs / 2, 4);
+    if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->att || !s->logits ||
+        !s->key_cache || !s->value_cache || !s->xq || !s->xs || !s->rope_cos || !s->rope_sin) {
+        free_state(t);
+        set_err("%s: out of memory for the run state", name);
+        return -1;
+    }
+    /* RoPE table, computed the way PyTorch does (fp32 frequencies and angles)
+     * so logits match model.py closely: pair (i, i+1) of each head turns by
+     * pos / 10000^(i/hs). */
+    for (int pos = 0; pos < S; pos++)
+        for (int i = 0; i < hs; i += 2) {
+            float freq = 1.0f / powf(10000.0f, (float)i / (float)hs);
+            float angle = (float)pos * freq;
+            s->rope_cos[(size_t)pos * (hs / 2) + i / 2] = (float)cos((double)angle);
+            s->rope_sin[(size_t)pos * (hs / 2) + i / 2] = (float)sin((double)angle);
+        }
+    return 0;
+}
+
+static Transformer *open_model(const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) { set_err("%s: cannot open: %s", path, strerror(errno)); return NULL; }
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        set_err("%s: not a regular file", path);
+        close(fd);
+        return NULL;
+    }
+    size_t size = (size_t)st.st_size;
+    if (size == 0) { set_err("%s: file is empty", path); close(fd); return NULL; }
+    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED) { set_err("%s: mmap failed: %s", path, strerror(errno)); return NULL; }
+    Transformer *t = calloc(1, sizeof *t);
+    if (!t) { munmap(map, size); set_err("%s: out of memory", path); return NULL; }
+    if (parse_model(t, map, size, path) < 0) {
+        munmap(map, size);
+        free(t);
+        return NULL;
+    }
+    t->map = map;
+    t->map_size = size;
+    return t;
+}
+
+static void close_model(Transformer *t) {
+    if (!t) return;
+    free_state(t);
+    if (t->map) munmap(t->map, t->map_size);
+    free(t);
+}
+
+/* ------------------------------------------------------------------ forward pass */
+
+static void rmsnorm(float *o, const float *x, const float *w, int n) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    ss = 1.0f / sqrtf(ss / n + 1e-5f);
+    for (int i = 0; i < n; i++) o[i] = w[i] * (ss * x[i]);
+}
+
+static void softmax(float *x, int n) {
+    float mx = x[0];
+    for (int i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < n; i++) x[i] *= inv;
+}
+
+/* Symmetric Q8_0 quantization of a matmul input, once per input: all rows
+ * (and all threads) share the quantized vector. */
+static void quantize(int8_t *q, float *s, const float *x, int n, int gs) {
+    for (int g = 0; g < n / gs; g++) {
+        const float *xg = x + (size_t)g * gs;
+        float amax = 0.0f;
+        for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        float scale = amax / 127.0f, inv = scale > 0.0f ? 1.0f / scale : 0.0f;
+        for (int i = 0; i < gs; i++) q[(size_t)g * gs + i] = (int8_t)lrintf(xg[i] * inv);
+        s[g] = scale;
+    }
+}
+
+/* fp32 rows [r0, r1) of out = W x, W is (rows × n). Four rows per pass reuse
+ * each load of x; the loop is memory-bound, so this is about streaming W. */
+static void matmul_f32(float *out, const float *x, const float *w, int n, int r0, int r1) {
+    int r = r0;
+#if defined(__AVX512F__)
+    const int nv = n & ~15;
+    const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
+    for (; r + 4 <= r1; r += 4) {
+        const float *w0 = w + (size_t)r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < nv; j += 16) {
+            __m512 xv = _mm512_loadu_ps(x + j);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + j), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + j), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + j), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + j), xv, a3);
+        }
+        if (tail) { /* masked loads do not touch memory past the row */
+            __m512 xv = _mm512_maskz_loadu_ps(tail, x + nv);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + nv), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + nv), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + nv), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + nv), xv, a3);
+        }
+        out[r] = _mm512_reduce_add_ps(a0);
+        out[r + 1] = _mm512_reduce_add_ps(a1);
+        out[r + 2] = _mm512_reduce_add_ps(a2);
+        out[r + 3] = _mm512_reduce_add_ps(a3);
+    }
+#endif
+    for (; r < r1; r++) {
+        const float *wr = w + (size_t)r * n;
+        float sum = 0.0f;
+        for (int j = 0; j < n; j++) sum += wr[j] * x[j];
+        out[r] = sum;
+    }
+}
+
+#ifdef HAVE_VNNI
+/* int8 dot products with AVX-512 VNNI. vpdpbusd multiplies unsigned by signed
+ * bytes, so we feed |x| as the unsigned side and move x's sign onto w.
+ * R rows at once share the x loads; R is a constant after inlining. */
+static inline __attribute__((always_inline)) void
+q_rows_gs64(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
+            int n, int gs, int r, const int R) {
+    const int ng = n / gs, cpg = gs / 64;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[4];
+    for (int k = 0; k < R; k++) acc[k] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m512i d[4];
+        for (int k = 0; k < R; k++) d[k] = zero;
+        for (int c = 0; c < cpg; c++) {
+            size_t j = (size_t)g * gs + (size_t)c * 64;
+            __m512i xv = _mm512_loadu_si512(xq + j);
+            __mmask64 neg = _mm512_movepi8_mask(xv);
+            __m512i ax = _mm512_abs_epi8(xv);
+            for (int k = 0; k < R; k++) {
+                __m512i wv = _mm512_loadu_si512(wq + (size_t)(r + k) * n + j);
+                wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
+                d[k] = _mm512_dpbusd_epi32(d[k], ax, wv);
+            }
+        }
+        for (int k = 0; k < R; k++)
+            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[k]),
+                                     _mm512_set1_ps(ws[(size_t)(r + k) * ng + g] * xs[g]), acc[k]);
+    }
+    for (int k = 0; k < R; k++) out[r + k] = _mm512_reduce_add_ps(acc[k]);
+}
+
+/* Group size 32: one 64-byte vector holds two groups; lanes 0-7 of the dot
+ * product belong to the first, 8-15 to the second, so the scale vector is two
+ * broadcast halves. A trailing half vector (n % 64 == 32) uses masked loads. */
+static inline __attribute__((always_inline)) void
+q_rows_gs32(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
+            int n, int r, const int R) {
+    const int ng = n / 32, nc = n / 64;
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[4];
+    for (int k = 0; k < R; k++) acc[k] = _mm512_setzero_ps();
+    for (int c = 0; c < nc; c++) {
+        size_t j = (size_t)c * 64;
+        __m512i xv = _mm512_loadu_si512(xq + j);
+        __mmask64 neg = _mm512_movepi8_mask(xv);
+        __m512i ax = _mm512_abs_epi8(xv);
+        __m128 xsp = _mm_castpd_ps(_mm_load_sd((const double *)(xs + 2 * c)));
+        for (int k = 0; k < R; k++) {
+            __m512i wv = _mm512_loadu_si512(wq + (size_t)(r + k) * n + j);
+            wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
+            __m512i d = _mm512_dpbusd_epi32(zero, ax, wv);
+            __m128 wsp = _mm_castpd_ps(_mm_load_sd((const double *)(ws + (size_t)(r + k) * ng + 2 * c)));
+            __m512 sv = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_mul_ps(wsp, xsp)));
+            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[k]);
+        }
+    }
+    if (n % 64) {
+        const __mmask64 lo = 0xffffffffull;
+        size_t j = (size_t)nc * 64;
+        __m512i xv = _mm512_maskz_loadu_epi8(lo, xq + j);
+        __mmask64 neg = _mm512_movepi8_mask(xv);
+        __m512i ax = _mm512_abs_epi8(xv);
+        for (int k = 0; k < R; k++) {
+            __m512i wv = _mm512_maskz_loadu_epi8(lo, wq + (size_t)(r + k) * n + j);
+            wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
+            __m512i d = _mm512_dpbusd_epi32(zero, ax, wv);
+            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
+                                     _mm512_set1_ps(ws[(size_t)(r + k) * ng + 2 * nc] * xs[2 * nc]), acc[k]);
+        }
+    }
+    for (int k = 0; k < R; k++) out[r + k] = _mm512_reduce_add_ps(acc[k]);
+}
+#endif
+
+/* int8 rows [r0, r1) of out = W x, with x already quantized into (xq, xs). */
+static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Mat *m, int n, int gs,
+                      int r0, int r1) {
+    int r = r0;
+#ifdef HAVE_VNNI
+    if (gs % 64 == 0) {
+        for (; r + 4 <= r1; r += 4) q_rows_gs64(out, xq, xs, m->q, m->s, n, gs, r, 4);
+        for (; r < r1; r++) q_rows_gs64(out, xq, xs, m->q, m->s, n, gs, r, 1);
+    } else if (gs == 32) {
+        for (; r + 4 <= r1; r += 4) q_rows_gs32(out, xq, xs, m->q, m->s, n, r, 4);
+        for (; r < r1; r++) q_rows_gs32(out, xq, xs, m->q, m->s, n, r, 1);
+    }
+#endif
+    /* portable path, any group size: integer dot per group (auto-vectorised) */
+    const int ng = n / gs;
+    for (; r < r1; r++) {
+        const int8_t *wr = m->q + (size_t)r * n;
+        const float *sr = m->s + (size_t)r * ng;
+        float sum = 0.0f;
+        for (int g = 0; g < ng; g++) {
+            int32_t isum = 0;
+            for (int j = 0; j < gs; j++) isum += (int32_t)xq[g * gs + j] * (int32_t)wr[g * gs + j];
+            sum += (float)isum * sr[g] * xs[g];
+        }
+        out[r] = sum;
+    }
+}
+
+/* Rows [r0, r1) of out = W in; int8 matrices read the shared quantized input. */
+static void matmul(Transformer *t, float *out, const Mat *m, const float *in, int n, int r0, int r1) {
+    if (m->q) matmul_q8(out, t->s.xq, t->s.xs, m, n, t->gs, r0, r1);
+    else matmul_f32(out, in, m->f, n, r0, r1);
+}
+
+/* This thread's share of n rows: contiguous, boundaries on multiples of 4 so
+ * four-row kernels and RoPE pairs never straddle threads. */
+static void split(int n, int *a, int *b) {
+    int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    long blocks = (n + 3) / 4;
+    long lo = 4 * (blocks * tid / nth), hi = 4 * (blocks * (tid + 1) / nth);
+    *a = (int)(lo < n ? lo : n);
+    *b = (int)(hi < n ? hi : n);
+}
+
+/* The forward pass body, run by every thread of one team: one fork/join per
+ * token instead of one per matmul. Serial steps are `omp single`. */
+static void forward_team(Transformer *t, int token, int pos) {
+    const Config *c = &t->c;
+    const Weights *w = &t->w;
+    RunState *s = &t->s;
+    const int D = c->dim, H = c->hidden_dim, S = c->seq_len, gs = t->gs;
+    const int hs = D / c->n_heads, kvD = c->n_kv_heads * hs, kvmul = c->n_heads / c->n_kv_heads;
+    const float *cosr = s->rope_cos + (size_t)pos * (hs / 2), *sinr = s->rope_sin + (size_t)pos * (hs / 2);
+    int a, b;
+
+#pragma omp single
+    {
+        if (w->emb.q) { /* dequantise only the one embedding row we need */
+            const int8_t *q = w->emb.q + (size_t)token * D;
+            const float *sc = w->emb.s + (size_t)token * D / gs;
+            for (int i = 0; i < D; i++) s->x[i] = q[i] * sc[i / gs];
+        } else {
+            memcpy(s->x, w->emb.f + (size_t)token * D, D * sizeof(float));
+        }
+    }
+    for (int l = 0; l < c->n_layers; l++) {
+#pragma omp single
+        {
+            rmsnorm(s->xb, s->x, w->rms_att + (size_t)l * D, D);
+            if (gs) quantize(s->xq, s->xs, s->xb, D, gs);
+        }
+        /* q, k, v; k and v go straight into this position's cache row */
+        size_t loff = (size_t)l * S * kvD;
+        float *kc = s->key_cache + loff + (size_t)pos * kvD, *vc = s->value_cache + loff + (size_t)pos * kvD;
+        split(D, &a, &b);
+        matmul(t, s->q, &w->wq[l], s->xb, D, a, b);
+        for (int i = a; i < b; i += 2) { /* RoPE on this thread's own rows */
+            float c0 = cosr[(i % hs) / 2], s0 = sinr[(i % hs) / 2], x0 = s->q[i], x1 = s->q[i + 1];
+            s->q[i] = x0 * c0 - x1 * s0;
+            s->q[i + 1] = x0 * s0 + x1 * c0;
+        }
+        split(kvD, &a, &b);
+        matmul(t, kc, &w->wk[l], s->xb, D, a, b);
+        matmul(t, vc, &w->wv[l], s->xb, D, a, b);
+        for (int i = a; i < b; i += 2) {
+            float c0 = cosr[(i % hs) / 2], s0 = sinr[(i % hs) / 2], x0 = kc[i], x1 = kc[i + 1];
+            kc[i] = x0 * c0 - x1 * s0;
+            kc[i + 1] = x0 * s0 + x1 * c0;
+        }
+#pragma omp barrier
+        /* attention, heads split over threads; output into xb */
+        int h0 = (int)((long)c->n_heads * omp_get_thread_num() / omp_get_num_threads());
+        int h1 = (int)((long)c->n_heads * (omp_get_thread_num() + 1) / omp_get_num_threads());
+        const float scale = 1.0f / sqrtf((float)hs);
+        for (int h = h0; h < h1; h++) {
+            const float *qh = s->q + (size_t)h * hs;
+            float *att = s->att + (size_t)h * S;
+            const size_t koff = loff + (size_t)(h / kvmul) * hs;
+            for (int p = 0; p <= pos; p++) {
+                const float *kp = s->key_cache + koff + (size_t)p * kvD;
+                float dot = 0.0f;
+                for (int i = 0; i < hs; i++) dot += qh[i] * kp[i];
+                att[p] = dot * scale;
+            }
+            softmax(att, pos + 1);
+            float *o = s->xb + (size_t)h * hs;
+            memset(o, 0, hs * sizeof(float));
+            for (int p = 0; p <= pos; p++) {
+                const float *vp = s->value_cache + koff + (size_t)p * kvD;
+                const float ap = att[p];
+                for (int i = 0; i < hs; i++) o[i] += ap * vp[i];
+            }
+        }
+#pragma omp barrier
+        if (gs) {
+#pragma omp single
+            quantize(s->xq, s->xs, s->xb, D, gs);
+        }
+        split(D, &a, &b);
+        matmul(t, s->xb2, &w->wo[l], s->xb, D, a, b);
+#pragma omp barrier
+#pragma omp single
+        {
+            for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
+            rmsnorm(s->xb, s->x, w->rms_ffn + (size_t)l * D, D);
+            if (gs) quantize(s->xq, s->xs, s->xb, D, gs);
+        }
+        /* SwiGLU: silu(w1 x) * (w3 x), fused per thread on its own rows */
+        split(H, &a, &b);
+        matmul(t, s->hb, &w->w1[l], s->xb, D, a, b);
+        matmul(t, s->hb2, &w->w3[l], s->xb, D, a, b);
+        for (int i = a; i < b; i++) {
+            float v = s->hb[i];
+            s->hb[i] = v / (1.0f + expf(-v)) * s->hb2[i];
+        }
+#pragma omp barrier
+        if (gs) {
+#pragma omp single
+            quantize(s->xq, s->xs, s->hb, H, gs);
+        }
+        split(D, &a, &b);
+        matmul(t, s->xb2, &w->w2[l], s->hb, H, a, b);
+#pragma omp barrier
+#pragma omp single
+        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
+    }
+#pragma omp single
+    {
+        rmsnorm(s->x, s->x, w->rms_final, D);
+        if (gs) quantize(s->xq, s->xs, s->x, D, gs);
+    }
+    split(c->vocab_size, &a, &b);
+    matmul(t, s->logits, &w->cls, s->x, D, a, b);
+}
+
+/* Logits for `token` at position `pos`; positions before pos must already
+ * have been run (they live in the KV cache). NULL with a message on bad input. */
+static float *forward(Transformer *t, int token, int pos) {
+    if (token < 0 || token >= t->c.vocab_size) {
+        set_err("token %d out of range 0..%d", token, t->c.vocab_size - 1);
+        return NULL;
+    }
+    if (pos < 0 || pos >= t->c.seq_len) {
+        set_err("position %d out of range 0..%d", pos, t->c.seq_len - 1);
+        return NULL;
+    }
+#pragma omp parallel
+    forward_team(t, token, pos);
+    return t->s.logits;
+}
+
+/* ------------------------------------------------------------------ tokenizer */
+
+typedef struct {
+    const char *str;
+    int len;
+    int id;
+} TokenIndex;
+
+typedef struct {
+    int vocab_size;
+    int max_len;         /* longest piece actually present */
+    float *scores;
+    char **pieces;       /* NUL-terminated copies (pieces may hold NUL only as <0x00> text) */
+    int *lens;
+    int *byte_of;        /* for "<0xNN>" pieces the byte NN, else -1 */
+    TokenIndex *sorted;  /* pieces sorted by bytes, for bsearch */
+    char *arena;
+    char *merge_buf;     /* 2*max_len+1: scratch for pair concatenation */
+} Tokenizer;
+
+static int cmp_index(const void *a, const void *b) {
+    const TokenIndex *x = a, *y = b;
+    int n = x->len < y->len ? x->len : y->len;
+    int r = memcmp(x->str, y->str, n);
+    return r ? r : (x->len > y->len) - (x->len < y->len);
+}
+
+static void free_tokenizer(Tokenizer *t) {
+    if (!t) return;
+    free(t->scores); free(t->pieces); free(t->lens); free(t->byte_of);
+    free(t->sorted); free(t->arena); free(t->merge_buf);
+    free(t);
+}
+
+static int hexval(int ch) {
+    if (ch >= '0' && ch <= '9') return ch - '0';
+    if (ch >= 'A' && ch <= 'F') return ch - 'A' + 10;
+    if (ch >= 'a' && ch <= 'f') return ch - 'a' + 10;
+    return -1;
+}
+
+#define MAX_PIECE 65536
+
+/* Parse tokenizer.bin from memory; it must hold exactly vocab_size pieces. */
+static Tokenizer *parse_tokenizer(const unsigned char *data, size_t size, int vocab_size, const char *name) {
+    if (size == 0) { set_err("%s: file is empty", name); return NULL; }
+    if (vocab_size < 3 || vocab_size > MAX_VOCAB) {
+        set_err("%s: vocab_size %d is not usable (need 3..%d)", name, vocab_size, MAX_VOCAB);
+        return NULL;
+    }
+    if (size < 4) { set_err("%s: file is %zu bytes, cut off inside the header", name, size); return NULL; }
+    int hdr_max = rd_i32(data);
+    if (hdr_max <= 0 || hdr_max > MAX_PIECE) {
+        set_err("%s: bad header: max_token_length %d", name, hdr_max);
+        return NULL;
+    }
+    /* first pass: validate and measure */
+    size_t off = 4, text = 0;
+    int maxlen = 1;
+    for (int i = 0; i < vocab_size; i++) {
+        if (size - off < 8) {
+            set_err("%s: cut off at piece %d of %d (the model's vocab_size is %d)", name, i, vocab_size, vocab_size);
+            return NULL;
+        }
+        int len = rd_i32(data + off + 4);
+        if (len < 0 || len > MAX_PIECE) { set_err("%s: piece %d has bad length %d", name, i, len); return NULL; }
+        if ((size_t)len > size - off - 8) {
+            set_err("%s: cut off inside piece %d of %d (the model's vocab_size is %d)", name, i, vocab_size, vocab_size);
+            return NULL;
+        }
+        off += 8 + (size_t)len;
+        text += (size_t)len + 1;
+        if (len > maxlen) maxlen = len;
+    }
+    if (off != size) {
+        set_err("%s: %zu bytes left over after %d pieces: it does not fit the model's vocab_size %d",
+                name, size - off, vocab_size, vocab_size);
+        return NULL;
+    }
+    Tokenizer *t = calloc(1, sizeof *t);
+    if (!t) { set_err("%s: out of memory", name); return NULL; }
+    t->vocab_size = vocab_size;
+    t->max_len = maxlen;
+    t->scores = malloc(vocab_size * sizeof(float));
+    t->pieces = malloc(vocab_size * sizeof(char *));
+    t->lens = malloc(vocab_size * sizeof(int));
+    t->byte_of = malloc(vocab_size * sizeof(int));
+    t->sorted = malloc(vocab_size * sizeof(TokenIndex));
+    t->arena = malloc(text);
+    t->merge_buf = malloc(2 * (size_t)maxlen + 1);
+    if (!t->scores || !t->pieces || !t->lens || !t->byte_of || !t->sorted || !t->arena || !t->merge_buf) {
+        free_tokenizer(t);
+        set_err("%s: out of memory", name);
+        return NULL;
+    }
+    off = 4;
+    char *a = t->arena;
+    for (int i = 0; i < vocab_size; i++) {
+        int len = rd_i32(data + off + 4);
+        t->scores[i] = rd_f32(data + off);
+        memcpy(a, data + off + 8, len);
+        a[len] = '\0';
+        t->pieces[i] = a;
+        t->lens[i] = len;
+        t->byte_of[i] = -1;
+        if (len == 6 && a[0] == '<' && a[1] == '0' && a[2] == 'x' && a[5] == '>' && hexval(a[3]) >= 0 &&
+            hexval(a[4]) >= 0)
+            t->byte_of[i] = hexval(a[3]) * 16 + hexval(a[4]);
+        t->sorted[i] = (TokenIndex){a, len, i};
+        a += len + 1;
+        off += 8 + (size_t)len;
+    }
+    qsort(t->sorted, vocab_size, sizeof(TokenIndex), cmp_index);
+    return t;
+}
+
+static Tokenizer *open_tokenizer(const char *path, int vocab_size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) { set_err("%s: cannot open: %s", path, strerror(errno)); return NULL; }
+    if (fseek(f, 0, SEEK_END) != 0) { fclose(f); set_err("%s: cannot seek", path); return NULL; }
+    long size = ftell(f);
+    rewind(f);
+    if (size < 0) { fclose(f); set_err("%s: cannot read size", path); return NULL; }
+    unsigned char *buf = malloc(size ? (size_t)size : 1);
+    if (!buf) { fclose(f); set_err("%s: out of memory", path); return NULL; }
+    size_t got = fread(buf, 1, (size_t)size, f);
+    fclose(f);
+    if (got != (size_t)size) { free(buf); set_err("%s: read error", path); return NULL; }
+    Tokenizer *t = parse_tokenizer(buf, (size_t)size, vocab_size, path);
+    free(buf);
+    return t;
+}
+
+static int lookup(const Tokenizer *t, const char *s, int len) {
+    TokenIndex key = {s, len, 0};
+    const TokenIndex *r = bsearch(&key, t->sorted, t->vocab_size, sizeof(TokenIndex), cmp_index);
+    return r ? r->id : -1;
+}
+
+/* Length of the valid UTF-8 sequence at s (1..4), or 1 for an invalid byte,
+ * which then goes through byte fallback like any unknown character. */
+static int utf8_len(const unsigned char *s, size_t left) {
+    unsigned c = s[0];
+    int n;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c < 0x80) return 1;
+    else if (c >= 0xC2 && c <= 0xDF) n = 2;
+    else if (c >= 0xE0 && c <= 0xEF) { n = 3; if (c == 0xE0) lo = 0xA0; if (c == 0xED) hi = 0x9F; }
+    else if (c >= 0xF0 && c <= 0xF4) { n = 4; if (c == 0xF0) lo = 0x90; if (c == 0xF4) hi = 0x8F; }
+    else return 1;
+    if ((size_t)n > left) return 1;
+    if (s[1] < lo || s[1] > hi) return 1;
+    for (int i = 2; i < n; i++)
+        if ((s[i] & 0xC0) != 0x80) return 1;
+    return n;
+}
+
+/* Score of merging tokens a and b, or -1 if the concatenation is no piece. */
+static int pair_id(Tokenizer *t, int a, int b) {
+    memcpy(t->merge_buf, t->pieces[a], t->lens[a]);
+    memcpy(t->merge_buf + t->lens[a], t->pieces[b], t->lens[b]);
+    return lookup(t, t->merge_buf, t->lens[a] + t->lens[b]);
+}
+
+/* Encode len bytes of text into out (capacity cap >= len + 3). Returns the
+ * number of ids or -1. llama2.c's algorithm: dummy-prefix space, code points
+ * with byte fallback (id = byte + 3), then highest-scoring pair merges. */
+static int encode(Tokenizer *t, const char *text, size_t len, int bos, int eos, int *out, size_t cap) {
+    if (cap < len + 3) { set_err("encode: output capacity %zu < text length + 3", cap); return -1; }
+    if (len > INT_MAX / 2) { set_err("encode: text too long"); return -1; }
+    int n = 0;
+    if (bos) out[n++] = BOS;
+    int start = n;
+    if (len > 0) {
+        int sp = lookup(t, " ", 1);
+        if (sp >= 0) out[n++] = sp;
+    }
+    const unsigned char *u = (const unsigned char *)text;
+    for (size_t i = 0; i < len;) {
+        int cl = utf8_len(u + i, len - i);
+        int id = lookup(t, text + i, cl);
+        if (id >= 0) out[n++] = id;
+        else
+            for (int k = 0; k < cl; k++) {
+                if (u[i + k] + 3 >= t->vocab_size) {
+                    set_err("encode: byte 0x%02x has no byte-fallback piece in a %d-piece vocabulary",
+                            u[i + k], t->vocab_size);
+                    return -1;
+                }
+                out[n++] = u[i + k] + 3;
+            }
+        i += cl;
+    }
+    /* merge: cache each adjacent pair's merged id; after a merge only the two
+     * neighbouring pairs change. Leftmost wins ties, as in SentencePiece. */
+    int m = n - start;
+    if (m >= 2) {
+        int *tok = out + start;
+        int *pid = malloc((size_t)m * sizeof(int));
+        if (!pid) { set_err("encode: out of memory"); return -1; }
+        for (int k = 0; k + 1 < m; k++) pid[k] = pair_id(t, tok[k], tok[k + 1]);
+        for (;;) {
+            int best = -1;
+            float bs = 0.0f;
+            for (int k = 0; k + 1 < m; k++)
+                if (pid[k] >= 0 && (best < 0 || t->scores[pid[k]] > bs)) { best = k; bs = t->scores[pid[k]]; }
+            if (best < 0) break;
+            tok[best] = pid[best];
+            memmove(tok + best + 1, tok + best + 2, (size_t)(m - best - 2) * sizeof(int));
+            memmove(pid + best + 1, pid + best + 2, (size_t)(m > best + 3 ? m - best - 3 : 0) * sizeof(int));
+            m--;
+            if (best > 0) pid[best - 1] = pair_id(t, tok[best - 1], tok[best]);
+            if (best + 1 < m) pid[best] = pair_id(t, tok[best], tok[best + 1]);
+        }
+        free(pid);
+        n = start + m;
+    }
+    if (eos) out[n++] = EOS;
+    return n;
+}
+
+/* The bytes `token` stands for when it follows `prev` (prev < 0: start of
+ * output). After BOS and at the start a leading space is dropped, so output
+ * never begins with the dummy-prefix space. BOS/EOS decode to nothing. */
+static const char *decode(const Tokenizer *t, int prev, int token, int *len, char byte_buf[2]) {
+    *len = 0;
+    if (token < 0 || token >= t->vocab_size || token == BOS || token == EOS) return "";
+    if (t->byte_of[token] >= 0) {
+        byte_buf[0] = (char)t->byte_of[token];
+        byte_buf[1] = 0;
+        *len = 1;
+        return byte_buf;
+    }
+    const char *p = t->pieces[token];
+    *len = t->lens[token];
+    if ((prev == BOS || prev < 0) && *len > 0 && p[0] == ' ') { p++; (*len)--; }
+    return p;
+}
+
+/* Print a piece; lone control bytes (other than whitespace) are skipped so
+ * the terminal never gets garbage. Bytes >= 0x80 pass: they form UTF-8. */
+static void print_piece(const char *p, int len) {
+    if (len == 1) {
+        unsigned char ch = (unsigned char)p[0];
+        if ((ch < 0x20 && ch != '\n' && ch != '\t' && ch != '\r') || ch == 0x7f) return;
+    }
+    fwrite(p, 1, len, stdout);
+}
+
+/* ------------------------------------------------------------------ sampler */
+
+typedef struct {
+    int vocab_size;
+    float temperature, topp;
+    uint64_t rng;
+    float *tmp; /* vocab_size floats, for top-p */
+} Sampler;
+
+static uint32_t rng_u32(uint64_t *s) { /* xorshift64* */
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return (uint32_t)((*s * 0x2545F4914F6CDD1Dull) >> 32);
+}
+static float rng_f32(uint64_t *s) { return (rng_u32(s) >> 8) / 16777216.0f; } /* [0, 1) */
+
+static uint64_t seed_state(uint64_t seed) { /* xorshift must not start at 0 */
+    uint64_t z = seed + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return z ? z : 0x2545F4914F6CDD1Dull;
+}
+
+static int argmax(const float *p, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (p[i] > p[best]) best = i;
+    return best;
+}
+
+/* Sum of p[i] >= th over [0, n); vectorises. */
+static float mass_at_least(const float *p, int n, float th) {
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += p[i] >= th ? p[i] : 0.0f;
+    return sum;
+}
+
+/* Pick index i with probability p[i]/mass among p[i] >= th, by coin in [0,1).
+ * Blocks of 16 are summed (vectorised) until the block holding the target. */
+static int sample_from(const float *p, int n, float th, float mass, float coin) {
+    float r = coin * mass, cum = 0.0f;
+    int last = -1, i = 0;
+    for (; i + 16 <= n; i += 16) {
+        float bs = 0.0f;
+        for (int k = 0; k < 16; k++) bs += p[i + k] >= th ? p[i + k] : 0.0f;
+        if (cum + bs > r) break;
+        cum += bs;
+    }
+    for (; i < n; i++)
+        if (p[i] >= th) {
+            cum += p[i];
+            last = i;
+            if (r < cum) return i;
+        }
+    if (last < 0) /* rounding left us past the end: take the last candidate */
+        for (int k = n - 1; k >= 0; k--)
+            if (p[k] >= th) return k;
+    return last >= 0 ? last : argmax(p, n);
+}
+
+/* Keep the values of src[0..n) that are > pivot (high) or <= pivot (!high)
+ * in dst; returns how many. dst may equal src. */
+static int compact(float *dst, const float *src, int n, float pivot, int high) {
+    int k = 0, i = 0;
+#if defined(__AVX512F__)
+    const __m512 pv = _mm512_set1_ps(pivot);
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = _mm512_loadu_ps(src + i);
+        __mmask16 m = _mm512_cmp_ps_mask(v, pv, high ? _CMP_GT_OQ : _CMP_LE_OQ);
+        _mm512_storeu_ps(dst + k, _mm512_maskz_compress_ps(m, v));
+        k += __builtin_popcount(m);
+    }
+#endif
+    for (; i < n; i++) {
+        float v = src[i];
+        dst[k] = v;
+        k += high ? v > pivot : v <= pivot;
+    }
+    return k;
+}
+
+static uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* Top-p without sorting the vocabulary: find the threshold th such that the
+ * tokens with p >= th are the smallest set with mass >= topp. Each round
+ * splits the remaining candidates at a pivot (alternately their mean, and
+ * the midpoint of their float bit patterns, which bounds the rounds at ~32)
+ * and keeps the side holding the boundary; the last few are sorted. */
+static float topp_threshold(const float *p, int n, float topp, float *buf) {
+    const float *src = p;
+    float need = topp, mass = 1.0f, lo = 0.0f, hi = 1.0f;
+    for (int round = 0;; round++) {
+        if (n <= 32) {
+            float v[32];
+            memcpy(v, src, n * sizeof(float));
+            for (int i = 1; i < n; i++) /* insertion sort, descending */
+                for (int j = i; j > 0 && v[j] > v[j - 1]; j--) { float x = v[j]; v[j] = v[j - 1]; v[j - 1] = x; }
+            for (int i = 0; i < n; i++) {
+                need -= v[i];
+                if (need <= 0.0f) return v[i];
+            }
+            return n ? v[n - 1] : 0.0f;
+        }
+        if (round > 0) { /* exact bounds of the current candidates */
+            lo = src[0]; hi = src[0];
+            for (int i = 1; i < n; i++) { lo = fminf(lo, src[i]); hi = fmaxf(hi, src[i]); }
+            if (lo >= hi) return lo; /* all equal: keep them all */
+        }
+        float pivot = mass / n;
+        if ((round & 1) || !(pivot >= lo && pivot < hi)) pivot = u2f((uint32_t)(((uint64_t)f2u(lo) + f2u(hi)) / 2));
+        float mh = 0.0f;
+        for (int i = 0; i < n; i++) mh += src[i] > pivot ? src[i] : 0.0f;
+        if (mh >= need) { /* boundary is above the pivot */
+            n = compact(buf, src, n, pivot, 1);
+            mass = mh;
+        } else { /* everything above is in; look below */
+            need -= mh;
+            n = compact(buf, src, n, pivot, 0);
+            mass -= mh;
+        }
+        src = buf;
+        if (round > 64) return src[0]; /* cannot happen; a bound, not a path */
+    }
+}
+
+static int sample(Sampler *sp, float *logits) {
+    int n = sp->vocab_size;
+    if (sp->temperature == 0.0f) return argmax(logits, n);
+    for (int i = 0; i < n; i++) logits[i] /= sp->temperature;
+    softmax(logits, n);
+    float coin = rng_f32(&sp->rng);
+    if (sp->topp <= 0.0f || sp->topp >= 1.0f) return sample_from(logits, n, 0.0f, 1.0f, coin);
+    float th = topp_threshold(logits, n, sp->topp, sp->tmp);
+    return sample_from(logits, n, th, mass_at_least(logits, n, th), coin);
+}
+
+/* ------------------------------------------------------------------ generation loop */
+
+#define STOP_AT_BOS 1
+
+/* llama2.c's loop: feed the prompt, then sample; at most `steps` forward
+ * passes. Writes the whole sequence (prompt, then generated ids) into out
+ * (capacity steps + 1) and returns its length, or -1. If tok is given, the
+ * text is streamed to stdout as it is produced. */
+static int generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt, int np, int steps,
+                    int flags, int *out, double *tok_per_s) {
+    if (np < 1) { set_err("generate: the prompt needs at least one token (BOS)"); return -1; }
+    int token = prompt[0], pos = 0, n = 1;
+    out[0] = token;
+    double start = 0.0;
+    char bb[2];
+    while (pos < steps) {
+        float *logits = forward(t, token, pos);
+        if (!logits) return -1;
+        int next = pos + 1 < np ? prompt[pos + 1] : sample(sp, logits);
+        pos++;
+        if (next == BOS && pos >= np && (flags & STOP_AT_BOS)) break;
+        if (tok) {
+            int len;
+            const char *p = decode(tok, token, next, &len, bb);
+            print_piece(p, len);
+            fflush(stdout);
+        }
+        out[n++] = next;
+        token = next;
+        if (pos == 1) start = now_s(); /* time from the second token, as llama2.c */
+    }
+    if (tok_per_s) *tok_per_s = pos > 1 ? (pos - 1) / (now_s() - start) : 0.0;
+    return n;
+}
+
+/* ------------------------------------------------------------------ library API (runtime.py) */
+
+const char *rt_last_error(void) { return err_msg; }
+
+Transformer *rt_open(const char *path) { return open_model(path); }
+void rt_close(Transformer *t) { close_model(t); }
+
+/* dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len, version, shared, group_size */
+void rt_info(const Transformer *t, int *out) {
+    memcpy(out, &t->c, 7 * sizeof(int));
+    out[7] = t->version; out[8] = t->shared; out[9] = t->gs;
+}
+
+float *rt_forward(Transformer *t, int token, int pos) { return forward(t, token, pos); }
+
+int rt_generate(Transformer *t, const int *prompt, int np, int steps, float temperature, float topp,
+                unsigned long long seed, int flags, int *out) {
+    if (steps < 1 || steps > t->c.seq_len) { set_err("steps %d out of range 1..%d", steps, t->c.seq_len); return -1; }
+    if (!(temperature >= 0.0f)) { set_err("temperature must be >= 0"); return -1; }
+    for (int i = 0; i < np; i++)
+        if (prompt[i] < 0 || prompt[i] >= t->c.vocab_size) { set_err("prompt id %d out of range", prompt[i]); return -1; }
+    Sampler sp = {t->c.vocab_size, temperature, topp, seed_state(seed), malloc(t->c.vocab_size * sizeof(float))};
+    if (!sp.tmp) { set_err("out of memory"); return -1; }
+    int n = generate(t, NULL, &sp, prompt, np, steps, flags, out, NULL);
+    free(sp.tmp);
+    return n;
+}
+
+Tokenizer *rt_tokenizer_open(const char *path, int vocab_size) { return open_tokenizer(path, vocab_size); }
+void rt_tokenizer_close(Tokenizer *t) { free_tokenizer(t); }
+int rt_encode(Tokenizer *t, const char *text, long len, int bos, int eos, int *out, long cap) {
+    if (len < 0 || cap < 0) { set_err("encode: negative length"); return -1; }
+    return encode(t, text, (size_t)len, bos, eos, out, (size_t)cap);
+}
+
+/* Decode ids into buf (no NUL added); returns the full length, which may
+ * exceed cap (then only cap bytes were written: call again, bigger). */
+long rt_decode(Tokenizer *t, const int *ids, int n, char *buf, long cap) {
+    long total = 0;
+    char bb[2];
+    for (int i = 0; i < n; i++) {
+        int len;
+        const char *p = decode(t, i ? ids[i - 1] : -1, ids[i], &len, bb);
+        for (int k = 0; k < len; k++, total++)
+            if (total < cap) buf[total] = p[k];
+    }
+    return total;
+}
+
+/* ------------------------------------------------------------------ CLI */
+#ifndef RUN_LIBRARY
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "Usage:   run <checkpoint> [options]\n"
+            "Example: run model.bin -n 256 -i \"Once upon a time\"\n"
+            "Options:\n"
+            "  -t <float>  temperature in [0,inf), default 1.0 (0 = greedy)\n"
+            "  -p <float>  top-p (nucleus) in [0,1], default 0.9 (0 or 1 = off)\n"
+            "  -s <int>    random seed, default time(NULL)\n"
+            "  -n <int>    number of steps to run, default 256, 0 = seq_len\n"
+            "  -i <string> input prompt\n"
+            "  -z <string> tokenizer path, default tokenizer.bin\n"
+            "  -m <string> mode: generate|chat, default generate\n"
+            "  -y <string> (optional) system prompt in chat mode\n");
+}
+
+static void die(const char *msg) {
+    fprintf(stderr, "run: %s\n", msg);
+    exit(1);
+}
+
+static double parse_num(const char *flag, const char *v) {
+    char *end;
+    errno = 0;
+    double d = strtod(v, &end);
+    if (end == v || *end || errno || !isfinite(d)) {
+        set_err("%s: expected a number, got '%s'", flag, v);
+        die(err_msg);
+    }
+    return d;
+}
+
+static long long parse_int(const char *flag, const char *v) {
+    char *end;
+    errno = 0;
+    long long x = strtoll(v, &end, 10);
+    if (end == v || *end || errno) {
+        set_err("%s: expected an integer, got '%s'", flag, v);
+        die(err_msg);
+    }
+    return x;
+}
+
+/* Chat: Llama 2's [INST] template; user turns from -i then stdin. */
+static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *user0, const char *system, int steps) {
+    size_t cap = 8192 + 64;
+    char user[8192], *rendered = malloc(2 * cap + 64);
+    int *ids = malloc((2 * cap + 64 + 3) * sizeof(int));
+    if (!rendered || !ids) die("out of memory");
+    int pos = 0, user_turn = 1, next = 0, token = 0, np = 0, idx = 0, first = 1;
+    char bb[2];
+    while (pos < steps) {
+        if (user_turn) {
+            if (first && user0) snprintf(user, sizeof user, "%s", user0);
+            else {
+                printf("User: ");
+                fflush(stdout);
+                if (!fgets(user, sizeof user, stdin)) break;
+                user[strcspn(user, "\n")] = 0;
+            }
+            if (first && system && system[0])
+                snprintf(rendered, 2 * cap + 64, "[INST] <<SYS>>\n%s\n<</SYS>>\n\n%s [/INST]", system, user);
+            else
+                snprintf(rendered, 2 * cap + 64, "[INST] %s [/INST]", user);
+            first = 0;
+            np = encode(tok, rendered, strlen(rendered), 1, 0, ids, 2 * cap + 64 + 3);
+            if (np < 0) die(err_msg);
+            if (pos + np > t->c.seq_len) {
+                set_err("chat: prompt of %d tokens does not fit in the %d positions left of seq_len %d", np,
+                        t->c.seq_len - pos, t->c.seq_len);
+                die(err_msg);
+            }
+            idx = 0;
+            user_turn = 0;
+            printf("Assistant: ");
+        }
+        if (idx < np) token = ids[idx++];
+        else token = next;
+        if (idx >= np && token == EOS) { user_turn = 1; printf("\n"); }
+        float *logits = forward(t, token, pos);
+        if (!logits) die(err_msg);
+        next = sample(sp, logits);
+        pos++;
+        if (idx >= np && next != EOS) {
+            int len;
+            const char *p = decode(tok, token, next, &len, bb);
+            print_piece(p, len);
+            fflush(stdout);
+        }
+        if (next == EOS) { user_turn = 1; printf("\n"); }
+    }
+    printf("\n");
+    free(rendered);
+    free(ids);
+}
+
+int main(int argc, char **argv) {
+    const char *model_path = NULL, *tok_path = "tokenizer.bin", *prompt = NULL, *mode = "generate", *system = NULL;
+    float temperature = 1.0f, topp = 0.9f;
+    long long steps = 256;
+    unsigned long long seed = 0;
+    int have_seed = 0;
+    if (argc < 2) { usage(stderr); return 1; }
+    if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) { usage(stdout); return 0; }
+    if (argv[1][0] == '-') {
+        set_err("expected the model path first, got flag '%s' (see run -h)", argv[1]);
+        die(err_msg);
+    }
+    model_path = argv[1];
+    for (int i = 2; i < argc; i += 2) {
+        const char *f = argv[i];
+        if (!strcmp(f, "-h")) { usage(stdout); return 0; }
+        if (f[0] != '-' || strlen(f) != 2 || !strchr("tpsnizmy", f[1])) {
+            set_err("unknown flag '%s' (see run -h)", f);
+            die(err_msg);
+        }
+        if (i + 1 >= argc) { set_err("flag %s needs a value (see run -h)", f); die(err_msg); }
+        const char *v = argv[i + 1];
+        switch (f[1]) {
+        case 't': temperature = (float)parse_num(f, v); break;
+        case 'p': topp = (float)parse_num(f, v); break;
+        case 's': {
+            long long x = parse_int(f, v);
+            if (x < 0) { set_err("-s: seed must be >= 0, got %lld", x); die(err_msg); }
+            seed = (unsigned long long)x;
+            have_seed = 1;
+            break;
+        }
+        case 'n': steps = parse_int(f, v); break;
+        case 'i': prompt = v; break;
+        case 'z': tok_path = v; break;
+        case 'm': mode = v; break;
+        case 'y': system = v; break;
+        }
+    }
+    if (temperature < 0.0f) { set_err("-t: temperature must be >= 0, got %g", temperature); die(err_msg); }
+    if (topp < 0.0f || topp > 1.0f) { set_err("-p: top-p must be in [0, 1], got %g", topp); die(err_msg); }
+    if (strcmp(mode, "generate") && strcmp(mode, "chat")) {
+        set_err("-m: unknown mode '%s' (generate or chat)", mode);
+        die(err_msg);
+    }
+    if (!have_seed) seed = (unsigned long long)time(NULL);
+
+    Transformer *t = open_model(model_path);
+    if (!t) die(err_msg);
+    int S = t->c.seq_len;
+    if (steps < 0 || steps > S) {
+        fprintf(stderr, "run: note: -n %lld is outside 0..%d, using seq_len %d\n", steps, S, S);
+        steps = S;
+    } else if (steps == 0) steps = S;
+    Tokenizer *tok = open_tokenizer(tok_path, t->c.vocab_size);
+    if (!tok) die(err_msg);
+    Sampler sp = {t->c.vocab_size, temperature, topp, seed_state(seed), malloc(t->c.vocab_size * sizeof(float))};
+    if (!sp.tmp) die("out of memory");
+
+    if (!strcmp(mode, "generate")) {
+        const char *text = prompt ? prompt : "";
+        size_t len = strlen(text);
+        int *ids = malloc((len + 3) * sizeof(int)), *out = malloc((steps + 1) * sizeof(int));
+        if (!ids || !out) die("out of memory");
+        int np = encode(tok, text, len, 1, 0, ids, len + 3);
+        if (np < 0) die(err_msg);
+        if (np > S) {
+            set_err("-i: prompt encodes to %d tokens, more than seq_len %d", np, S);
+            die(err_msg);
+        }
+        double tps = 0.0;
+        if (generate(t, tok, &sp, ids, np, (int)steps, STOP_AT_BOS, out, &tps) < 0) die(err_msg);
+        printf("\n");
+        fflush(stdout);
+        fprintf(stderr, "achieved tok/s: %f\n", tps);
+        free(ids);
+        free(out);
+    } else {
+        chat(t, tok, &sp, prompt, system, (int)steps);
+    }
+    free(sp.tmp);
+    free_tokenizer(tok);
+    close_model(t);
+    return 0;
+}
+#endif /* RUN_LIBRARY */
