@@ -587,6 +587,9 @@ def pretokenize(vocab_size: int = 0, data_dir: str = DATA_DIR, tokenizer: str = 
         results = list(tqdm(pool.imap_unordered(_tokenize_shard, jobs), total=len(jobs), desc="pretokenize"))
     seconds = time.time() - t0
     results.sort(key=lambda r: r["shard"])
+    for path in glob.glob(os.path.join(out_dir, "data*.bin")):  # shards of json files that are gone
+        if os.path.basename(path) not in {r["shard"] for r in results}:
+            os.remove(path)
     meta = {"vocab_size": enc.n_words, "tokenizer": os.path.abspath(model_path),
             "tokenizer_sha256": file_sha256(model_path), "synthetic": is_synthetic(corpus_dir(data_dir)),
             "shards": {r["shard"]: {k: r[k] for k in ("stories", "n_tokens", "max_id", "json_bytes")}

@@ -363,8 +363,12 @@ def test_pretokenized_shards_decode_to_the_stories(corpus):
 
 def test_pretokenize_with_the_llama2_vocab(tmp_path):
     model = str(need(LLAMA2_TOKENIZER_MODEL))
-    ts.synth(str(tmp_path), n_shards=2, stories_per_shard=50, seed=2)
+    ts.synth(str(tmp_path), n_shards=3, stories_per_shard=50, seed=2)
     ts.pretokenize(0, str(tmp_path), tokenizer=model, workers=2)
+    ts.synth(str(tmp_path), n_shards=2, stories_per_shard=50, seed=2)  # fewer shards: data02.bin goes away
+    (tmp_path / "TinyStories_all_data" / "data02.bin").write_bytes(b"\0\0")
+    ts.pretokenize(0, str(tmp_path), tokenizer=model, workers=2)
+    assert not (tmp_path / "TinyStories_all_data" / "data02.bin").exists()
     out = tmp_path / "TinyStories_all_data"
     assert ts.shard_dir(32000, str(tmp_path)) == ts.shard_dir(0, str(tmp_path)) == str(out)
     tokens = np.fromfile(out / "data01.bin", dtype=np.uint16)
