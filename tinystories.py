@@ -608,6 +608,9 @@ def pretokenize(vocab_size: int = 0, data_dir: str = DATA_DIR, tokenizer: str = 
 # the batch loader for train.py
 
 
+_checked_shards: set = set()  # shard sets already checked against a vocab_size
+
+
 class BatchLoader:
     """Random (max_seq_len+1)-token windows from memory-mapped uint16 shards.
 
@@ -634,7 +637,10 @@ class BatchLoader:
         if len(paths) < 2:
             raise DataError(f"only one shard in {d}: the first shard is the val split, so training needs at least "
                             "two (make more shards, e.g. `python tinystories.py synth --n_shards 4`, and pretokenize)")
-        self._check_meta(d, paths, todo)
+        key = (d, vocab_size, tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths))
+        if key not in _checked_shards:  # once per process: train.py makes a fresh loader for every eval
+            self._check_meta(d, paths, todo)
+            _checked_shards.add(key)
         paths = paths[:1] if split == "val" else paths[1:]
         shards = [np.memmap(p, dtype=np.uint16, mode="r") for p in paths]  # opened once, kept open
         keep = [i for i, s in enumerate(shards) if len(s) >= max_seq_len + 1]
