@@ -258,6 +258,40 @@ def _write_json(path: Path, obj) -> None:
         f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
+def _tokenizer_json(sp) -> str:
+    """The fast-tokenizer file (tokenizer.json) for a SentencePiece BPE model, as transformers' LlamaConverter
+    builds it. Shipping it means transformers need not convert the tokenizer itself, which requires protobuf.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers.models import BPE
+
+    n = sp.vocab_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    # BPE merges: every split of a piece into two pieces, the merge of higher-scored pieces first.
+    merges = []
+    for i, piece in enumerate(pieces):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i):
+            continue
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        local.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        merges += [(left, right, sp.get_score(i)) for left, right in local]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    unk = pieces[sp.unk_id()] if sp.unk_id() >= 0 else None
+    tok = Tokenizer(BPE(vocab, [(left, right) for left, right, _ in merges], unk_token=unk, fuse_unk=True,
+                        byte_fallback="<0x00>" in vocab))
+    tok.add_special_tokens([AddedToken(pieces[i], normalized=False, special=True)
+                            for i in range(n) if sp.is_control(i) or sp.is_unknown(i)])
+    # SentencePiece's dummy prefix and "▁" for spaces, then the reverse when decoding.
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    bos = pieces[sp.bos_id()]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                       special_tokens=[(bos, sp.bos_id())])
+    return tok.to_str()
+
+
 def write_hf(model: Transformer, out_dir, tokenizer_model=None) -> None:
     """A Hugging Face LlamaForCausalLM directory: config.json + model.safetensors (+ the tokenizer, if given)."""
     from safetensors.torch import save_file
@@ -334,6 +368,8 @@ def write_hf(model: Transformer, out_dir, tokenizer_model=None) -> None:
                   (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())) if i >= 0}
         with _AtomicFile(out / "tokenizer.model") as f, open(tokenizer_model, "rb") as src:
             shutil.copyfileobj(src, f)
+        with _AtomicFile(out / "tokenizer.json") as f:
+            f.write(_tokenizer_json(sp).encode())
         _write_json(out / "special_tokens_map.json", pieces)
         _write_json(out / "tokenizer_config.json", {
             "tokenizer_class": "LlamaTokenizer", **pieces, "add_bos_token": True, "add_eos_token": False,
