@@ -65,16 +65,24 @@ def torch_stream(args, prompt_ids, model, stop_tokens):
         yield int(token[0])
 
 
-def c_stream(args, prompt_ids, stop_tokens):
-    import runtime
+def c_stream(args, prompt_ids, model):
+    """The same generation through the C runtime (librun.so); it reads model.bin files only,
+    so other checkpoints are first exported to a temporary v1 file."""
+    import tempfile
 
-    with runtime.Model(args.checkpoint) as cmodel:
-        steps = min(len(prompt_ids) + args.max_new_tokens, cmodel.seq_len)
-        for token in cmodel.generate(prompt_ids, steps=steps, temperature=args.temperature,
-                                     topp=args.top_p, seed=args.seed):
-            yield token
-            if token in stop_tokens:
-                return
+    import runtime
+    from export import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint
+        if not (os.path.isfile(path) and path.endswith(".bin")):
+            path = os.path.join(tmp, "model.bin")
+            export(model, path, version=1)
+        with runtime.Model(path) as cmodel:
+            steps = min(len(prompt_ids) + args.max_new_tokens, cmodel.seq_len)
+            ids = cmodel.generate(prompt_ids, steps=steps, temperature=args.temperature, topp=args.top_p,
+                                  seed=args.seed, stop_at_bos=False)
+    yield from ids[len(prompt_ids):]
 
 
 def main(argv=None) -> int:
@@ -127,7 +135,7 @@ def main(argv=None) -> int:
         model = model.to(args.device).eval()
         tokens = torch_stream(args, prompt_ids, model, stop_tokens)
     else:
-        tokens = c_stream(args, prompt_ids, stop_tokens)
+        tokens = c_stream(args, prompt_ids, model)
     out = TextStream(tokenizer, prompt_ids)
     out.start()
     for token in tokens:

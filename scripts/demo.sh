@@ -2,6 +2,7 @@
 # `make demo`: the whole pipeline, offline, on the embedded synthetic corpus.
 # Each stage says what it does and how long it took.
 set -euo pipefail
+export PYTHONUNBUFFERED=1  # show progress as it happens, also when piped
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DEMO_DATA:-data/demo}
