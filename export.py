@@ -402,17 +402,29 @@ def _build_model(args: ModelArgs, sd: dict, shared: bool | None, source) -> Tran
         shared = True
     elif shared is None:
         shared = torch.equal(sd["output.weight"], sd["tok_embeddings.weight"])
-    model = Transformer(args)
     if shared:
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    else:
+    # Built on the meta device and given the weights directly: a random init that the weights
+    # overwrite anyway takes seconds for a 110M model.
+    with torch.device("meta"):
+        model = Transformer(args)
+    if not shared:
         model.untie_classifier()
     try:
-        model.load_state_dict(sd, strict=True)
+        model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])
         raise ModelFileError(f"{source}: weights do not fit a Llama model of shape {args}: {detail}") from None
+    if shared:
+        model.output.weight = model.tok_embeddings.weight
+    model.rope_cos, model.rope_sin = rope_tables(args.head_dim, args.max_seq_len)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        # model.py gained a buffer this function does not know: take the slow, always-right way.
+        model = Transformer(args)
+        if not shared:
+            model.untie_classifier()
+        model.load_state_dict(sd, strict=True)
     return model.eval()
 
 
@@ -696,7 +708,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="ckpt.pt, a Meta or Hugging Face model directory, or a llama2.c model.bin")
     parser.add_argument("output", help="the model.bin to write (a directory for --version hf)")
-    parser.add_argument("--version", default="1", choices=["0", "1", "2", "hf"], help="output format")
+    parser.add_argument("--version", default="0", choices=["0", "1", "2", "hf"], help="format (default 0, as llama2.c)")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model to include (hf only)")
     parser.add_argument("--group_size", type=int, default=None, help="Q8_0 group size (v2; default: largest fit)")
     args = parser.parse_args(argv)
