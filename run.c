@@ -222,7 +222,7 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
             set_err("%s: unknown model.bin version %d (this runtime reads 0, 1 and 2)", name, t->version);
             return -1;
         }
-        hdr_ints = 8;
+        hdr_ints = 2;
         int flag = data[36];
         if (flag > 1) { set_err("%s: bad header: shared_classifier flag is %d (must be 0 or 1)", name, flag); return -1; }
         t->shared = flag;
@@ -888,7 +888,10 @@ static int encode(Tokenizer *t, const char *text, size_t len, int bos, int eos, 
     const unsigned char *u = (const unsigned char *)text;
     for (size_t i = 0; i < len;) {
         int cl = utf8_len(u + i, len - i);
-        int id = lookup(t, text + i, cl);
+        /* U+2581 "▁" is SentencePiece's space marker: SentencePiece cannot tell
+         * it from a space, and tokenizer.bin stores it as one, so do the same */
+        int is_marker = cl == 3 && u[i] == 0xE2 && u[i + 1] == 0x96 && u[i + 2] == 0x81;
+        int id = is_marker ? lookup(t, " ", 1) : lookup(t, text + i, cl);
         if (id >= 0) out[n++] = id;
         else
             for (int k = 0; k < cl; k++) {
@@ -1159,6 +1162,15 @@ int rt_generate(Transformer *t, const int *prompt, int np, int steps, float temp
     return n;
 }
 
+/* The top-p threshold for probabilities p (for tests): the nucleus is p >= it. */
+float rt_topp_threshold(const float *p, int n, float topp) {
+    float *buf = malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (!buf) return -1.0f;
+    float th = topp_threshold(p, n, topp, buf);
+    free(buf);
+    return th;
+}
+
 Tokenizer *rt_tokenizer_open(const char *path, int vocab_size) { return open_tokenizer(path, vocab_size); }
 void rt_tokenizer_close(Tokenizer *t) { free_tokenizer(t); }
 int rt_encode(Tokenizer *t, const char *text, long len, int bos, int eos, int *out, long cap) {
@@ -1283,7 +1295,7 @@ int main(int argc, char **argv) {
     float temperature = 1.0f, topp = 0.9f;
     long long steps = 256;
     unsigned long long seed = 0;
-    int have_seed = 0;
+    int have_seed = 0, steps_given = 0;
     if (argc < 2) { usage(stderr); return 1; }
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) { usage(stdout); return 0; }
     if (argv[1][0] == '-') {
@@ -1310,7 +1322,7 @@ int main(int argc, char **argv) {
             have_seed = 1;
             break;
         }
-        case 'n': steps = parse_int(f, v); break;
+        case 'n': steps = parse_int(f, v); steps_given = 1; break;
         case 'i': prompt = v; break;
         case 'z': tok_path = v; break;
         case 'm': mode = v; break;
@@ -1328,10 +1340,10 @@ int main(int argc, char **argv) {
     Transformer *t = open_model(model_path);
     if (!t) die(err_msg);
     int S = t->c.seq_len;
-    if (steps < 0 || steps > S) {
+    if (steps_given && (steps < 0 || steps > S)) {
         fprintf(stderr, "run: note: -n %lld is outside 0..%d, using seq_len %d\n", steps, S, S);
         steps = S;
-    } else if (steps == 0) steps = S;
+    } else if (steps <= 0 || steps > S) steps = S;
     Tokenizer *tok = open_tokenizer(tok_path, t->c.vocab_size);
     if (!tok) die(err_msg);
     Sampler sp = {t->c.vocab_size, temperature, topp, seed_state(seed), malloc(t->c.vocab_size * sizeof(float))};
