@@ -10,7 +10,9 @@ pytorch_model*.bin), or any llama2.c model.bin (v0, v1, v2). OUTPUT formats:
 - v0: legacy llama2.c fp32 (no magic; a negative vocab_size marks an unshared classifier)
 - v1: fp32 with a 256-byte header
 - v2: Q8_0, symmetric int8 per group of weights, with fp32 scales; norms stay fp32
-- hf: a directory that transformers' LlamaForCausalLM (and, with --tokenizer, pipeline()) loads
+- hf: a directory that transformers' LlamaForCausalLM loads; with --tokenizer also the tokenizer
+  (tokenizer.model, and a tokenizer.json so transformers needs no protobuf to convert it), so
+  transformers.pipeline("text-generation", model=OUTPUT) works
 
 The exact byte layouts are in ../shared/FORMATS.md. Checkpoints are always loaded with
 torch.load(weights_only=True): a file from the internet must not be able to run code.
@@ -359,8 +361,11 @@ def write_hf(model: Transformer, out_dir, tokenizer_model=None) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"model.safetensors.tmp{os.getpid()}"
-    save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
+    try:
+        save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / "model.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
     _write_json(out / "config.json", config)
 
     if sp is not None:

@@ -144,16 +144,15 @@ def test_quantize_q80_basics():
 
 def test_export_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "m.bin"
-    calls = []
+    quantize, calls = export.quantize_q80, []
 
-    def failing_quantize(w, group_size):
+    def crashing_quantize(w, group_size):
         calls.append(1)
         if len(calls) > 2:
             raise RuntimeError("simulated crash mid-export")
-        return export.quantize_q80.__wrapped__(w, group_size)
+        return quantize(w, group_size)
 
-    failing_quantize.__wrapped__ = export.quantize_q80
-    monkeypatch.setattr(export, "quantize_q80", failing_quantize)
+    monkeypatch.setattr(export, "quantize_q80", crashing_quantize)
     with pytest.raises(RuntimeError, match="simulated"):
         export.write_v2(random_model(), path)
     assert list(tmp_path.iterdir()) == []  # neither a half file at OUTPUT nor a leftover temporary
