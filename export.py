@@ -40,6 +40,7 @@ GROUP_SIZES = (64, 32, 16, 8, 4, 2, 1)  # Q8_0 group sizes we try, largest first
 MAX_HEADER = {"dim": 1 << 16, "hidden_dim": 1 << 18, "n_layers": 1 << 10, "n_heads": 1 << 10,
               "n_kv_heads": 1 << 10, "vocab_size": 1 << 22, "seq_len": 1 << 22}
 HEADER_FIELDS = tuple(MAX_HEADER)
+META_INIT_PARAMS = 50_000_000  # models larger than this are loaded without a random init first
 
 
 class ModelFileError(ValueError):
@@ -409,9 +410,11 @@ def _build_model(args: ModelArgs, sd: dict, shared: bool | None, source) -> Tran
         shared = torch.equal(sd["output.weight"], sd["tok_embeddings.weight"])
     if shared:
         sd["output.weight"] = sd["tok_embeddings.weight"]
-    # Built on the meta device and given the weights directly: a random init that the weights
-    # overwrite anyway takes seconds for a 110M model.
-    with torch.device("meta"):
+    # A big model is built on the meta device and given the weights directly: a random init that
+    # the weights overwrite takes seconds at 110M params and grows with size. (Not for small ones:
+    # the meta device's first use imports torch._dynamo, about as slow as a 100M init.)
+    n_params = sum(t.numel() for t in sd.values())
+    with torch.device("meta" if n_params > META_INIT_PARAMS else "cpu"):
         model = Transformer(args)
     if not shared:
         model.untie_classifier()

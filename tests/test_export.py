@@ -80,6 +80,20 @@ def test_fp32_round_trip_is_exact(tmp_path, version, untied):
 
 
 @pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
+def test_big_model_load_path(tmp_path, monkeypatch, untied):
+    # Models over META_INIT_PARAMS are built on the meta device, skipping the random init.
+    monkeypatch.setattr(export, "META_INIT_PARAMS", 0)
+    model = random_model(untied=untied)
+    export.write_v1(model, tmp_path / "m.bin")
+    loaded = export.load_model_bin(tmp_path / "m.bin")
+    assert loaded.shares_classifier == (not untied)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    x = tokens_for(model)
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    assert torch.equal(loaded.generate(x[:1, :4], 8, temperature=0.0), model.generate(x[:1, :4], 8, temperature=0.0))
+
+
+@pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
 def test_v2_round_trip_within_quantization_error(tmp_path, untied):
     model = random_model(untied=untied)
     path = tmp_path / "model.bin"
