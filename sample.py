@@ -79,7 +79,9 @@ def c_stream(args, prompt_ids, model):
             path = os.path.join(tmp, "model.bin")
             export(model, path, version=1)
         with runtime.Model(path) as cmodel:
-            steps = min(len(prompt_ids) + args.max_new_tokens, cmodel.seq_len)
+            # llama2.c counts steps as forward passes: the prompt after BOS, then one per new token.
+            # Like model.stream, keep the whole sequence within seq_len.
+            steps = min(len(prompt_ids) - 1 + args.max_new_tokens, cmodel.seq_len - 1)
             ids = cmodel.generate(prompt_ids, steps=steps, temperature=args.temperature, topp=args.top_p,
                                   seed=args.seed, stop_at_bos=False)
     yield from ids[len(prompt_ids):]

@@ -1,0 +1,82 @@
+"""sample.py: the PyTorch runtime's command line, and its agreement with the C engine."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import LLAMA2_TOKENIZER_MODEL, ROOT, STORIES260K, need
+
+from export import write_v1
+from model import ModelArgs, Transformer
+from tokenizer import Tokenizer
+
+
+def sample(*args):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def greedy_ids(model, n):
+    return model.generate(torch.tensor([[1]]), n, temperature=0.0)[0].tolist()
+
+
+@pytest.mark.parametrize("engine", ["torch", "c"])
+def test_greedy_ids_of_stories260K(engine):
+    """200 greedy steps from BOS: sample.py (either engine) prints model.generate's ids."""
+    path = need(STORIES260K)
+    expected = greedy_ids(Transformer.from_bin(str(path)), 200)
+    r = sample("--checkpoint", path, "--ids", "--temperature", 0, "--max_new_tokens", 200, "--no_stop",
+               "--engine", engine)
+    assert r.returncode == 0, r.stderr
+    assert list(map(int, r.stdout.split())) == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_llama2_vocab_model(tmp_path_factory):
+    """A random model with the Llama 2 vocabulary, as a training checkpoint and as model.bin."""
+    need(LLAMA2_TOKENIZER_MODEL)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, max_seq_len=64))
+    d = tmp_path_factory.mktemp("m")
+    torch.save({"model": model.state_dict(), "model_args": vars(model.args)}, d / "ckpt.pt")
+    write_v1(model, d / "model.bin")
+    return model.eval(), d
+
+
+@pytest.mark.parametrize("engine", ["torch", "c"])
+def test_streams_the_decoded_text(tiny_llama2_vocab_model, engine):
+    model, d = tiny_llama2_vocab_model
+    tok = Tokenizer(str(LLAMA2_TOKENIZER_MODEL))
+    prompt = "Once upon a time"
+    ids = tok.encode(prompt)
+    out = model.generate(torch.tensor([ids]), 30, temperature=0.0, stop_tokens=(1, 2))[0].tolist()
+    if out[-1] in (1, 2):
+        out = out[:-1]
+    r = sample("--checkpoint", d / "ckpt.pt", "--tokenizer", LLAMA2_TOKENIZER_MODEL, "--prompt", prompt,
+               "--temperature", 0, "--max_new_tokens", 30, "--engine", engine)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tok.decode(out) + "\n"
+
+
+def test_seeded_sampling_repeats(tiny_llama2_vocab_model):
+    _, d = tiny_llama2_vocab_model
+    args = ("--checkpoint", d / "model.bin", "--tokenizer", LLAMA2_TOKENIZER_MODEL, "--max_new_tokens", 20,
+            "--temperature", 1.0, "--top_k", 50)
+    a, b, c = sample(*args, "--seed", 1), sample(*args, "--seed", 1), sample(*args, "--seed", 2)
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout != c.stdout
+
+
+def test_tokenizer_vocab_mismatch_is_one_line(tiny_llama2_vocab_model, tmp_path):
+    need(STORIES260K)
+    r = sample("--checkpoint", STORIES260K, "--tokenizer", LLAMA2_TOKENIZER_MODEL)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "32000 pieces" in r.stderr and "512" in r.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\x01\x00\x00\x00" * 3, b"PK\x03\x04garbage"])
+def test_bad_checkpoints_are_one_line(tmp_path, content):
+    path = tmp_path / ("ckpt.pt" if content.startswith(b"PK") else "model.bin")
+    path.write_bytes(content)
+    r = sample("--checkpoint", path, "--ids")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
