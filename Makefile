@@ -72,3 +72,37 @@ fuzz: fuzz_run.c run.c
 clean::
 	rm -f run run_san librun.so librun.o fuzz_model fuzz_tokenizer
 # C-RUNTIME-END
+# ZIG-WEB-BEGIN
+# Zig port of the runtime (run.zig) and its WebAssembly builds. The compiler
+# (PyPI `ziglang`), wasmtime and Playwright come from requirements-web.txt and
+# go into .venv on first use. Chromium for the browser test: make web-deps.
+#   make runzig   ./runzig, native, same command line as ./run
+#   make wasm     run.wasm, wasm32-wasi with SIMD128 (run it with wasmtime)
+#   make web      web/llama.wasm, then serve web/ on http://127.0.0.1:$(WEB_PORT)/
+ZIG        = $(PY) -m ziglang
+WEB_STAMP  = $(VENV)/.web-installed
+WEB_PORT  ?= 8000
+ZIG_WASM   = -O ReleaseFast -fstrip -mcpu=generic+simd128
+
+.PHONY: wasm web web-build web-deps
+
+$(WEB_STAMP): requirements-web.txt $(VENV_STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-web.txt
+	@touch $@
+
+runzig: run.zig $(WEB_STAMP)
+	$(ZIG) build-exe -O ReleaseFast run.zig -femit-bin=runzig
+wasm: run.wasm
+run.wasm: run.zig $(WEB_STAMP)
+	$(ZIG) build-exe $(ZIG_WASM) -target wasm32-wasi run.zig -femit-bin=run.wasm
+web-build: web/llama.wasm
+web/llama.wasm: run_web.zig run.zig $(WEB_STAMP)
+	$(ZIG) build-exe $(ZIG_WASM) -target wasm32-freestanding -fno-entry -rdynamic run_web.zig -femit-bin=web/llama.wasm
+web: web/llama.wasm
+	$(PY) web/serve.py --port $(WEB_PORT)
+# Debian's Chromium for tests/test_web.py (needs root and apt)
+web-deps:
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+clean::
+	rm -f runzig run.wasm web/llama.wasm
+# ZIG-WEB-END

@@ -1,0 +1,1430 @@
+//! run.zig: inference for Llama 2 models in llama2.c's model.bin format, in Zig.
+//!
+//! A port of run.c with the same command line and output: model.bin versions
+//! 0 (legacy fp32), 1 (fp32 with header) and 2 (int8 Q8_0), tokenizer.bin,
+//! greedy or top-p sampling with the same xorshift RNG, generate and chat.
+//! SIMD through @Vector; native builds split each matmul's rows over a small
+//! pool of std.Thread workers (OMP_NUM_THREADS of them, as run.c).
+//!
+//!   make runzig && ./runzig model.bin -n 256 -i "Once upon a time"
+//!
+//! The same file builds for wasm32-wasi (`make wasm`, single-threaded) and is
+//! the core of the browser module (run_web.zig).
+//!
+//! Every failure is an error union; the words for the user go into a
+//! `Diagnostic` next to it, so one line on stderr names the file or flag.
+
+const std = @import("std");
+const builtin = @import("builtin");
+const Io = std.Io;
+const Allocator = std.mem.Allocator;
+
+pub const magic: u32 = 0x616b3432;
+pub const bos: u32 = 1;
+pub const eos: u32 = 2;
+
+// ------------------------------------------------------------------ errors
+
+pub const Error = error{ BadModel, BadTokenizer, BadInput, OutOfMemory };
+
+/// The message that goes with an error: what was wrong, and with which file or flag.
+pub const Diagnostic = struct {
+    buf: [640]u8 = undefined,
+    msg: []const u8 = "",
+
+    /// Record the message and hand back `err`, for `return diag.fail(...)`.
+    pub fn fail(d: *Diagnostic, err: Error, comptime fmt: []const u8, args: anytype) Error {
+        d.msg = std.fmt.bufPrint(&d.buf, fmt, args) catch d.buf[0..];
+        return err;
+    }
+};
+
+// ------------------------------------------------------------------ model
+
+pub const Config = struct {
+    dim: usize, // D: residual stream width
+    hidden_dim: usize, // H: feed-forward width
+    n_layers: usize,
+    n_heads: usize,
+    n_kv_heads: usize, // < n_heads: grouped-query attention
+    vocab_size: usize,
+    seq_len: usize,
+
+    pub fn headSize(c: Config) usize {
+        return c.dim / c.n_heads;
+    }
+    pub fn kvDim(c: Config) usize {
+        return c.n_kv_heads * c.headSize();
+    }
+};
+
+const field_names = [7][]const u8{ "dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len" };
+const field_max = [7]i32{ 1 << 16, 1 << 20, 1 << 10, 1 << 16, 1 << 16, 1 << 24, 1 << 20 };
+const max_vocab = field_max[5];
+const max_state_bytes: u64 = 16 << 30;
+
+/// One weight matrix (rows × cols, row-major): fp32, or Q8_0 int8 values with
+/// one fp32 scale per `group_size` consecutive values.
+pub const Matrix = union(enum) {
+    f32: []const f32,
+    q8: struct { q: []const i8, s: []const f32 },
+};
+
+pub const Layer = struct {
+    rms_att: []const f32,
+    rms_ffn: []const f32,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    w1: Matrix,
+    w2: Matrix,
+    w3: Matrix,
+};
+
+/// Bytes of the file the header implies (the sizes cannot overflow: the
+/// header bounds keep every product below 2^50).
+fn expectedSize(c: Config, version: u8, shared: bool, gs: usize) u64 {
+    const D: u64 = c.dim;
+    const H: u64 = c.hidden_dim;
+    const L: u64 = c.n_layers;
+    const V: u64 = c.vocab_size;
+    const S: u64 = c.seq_len;
+    const hs: u64 = c.headSize();
+    const kvD: u64 = c.kvDim();
+    const norms = 2 * L * D + D;
+    const per_layer = 2 * D * D + 2 * kvD * D + 3 * H * D;
+    const cls: u64 = if (shared) 0 else V * D;
+    return switch (version) {
+        0 => 28 + 4 * (norms + V * D + L * per_layer + 2 * S * (hs / 2) + cls),
+        1 => 256 + 4 * (norms + V * D + L * per_layer + cls),
+        else => blk: {
+            const qb = struct {
+                fn f(numel: u64, g: u64) u64 {
+                    return numel + 4 * (numel / g);
+                }
+            }.f;
+            var q = qb(V * D, gs) * @as(u64, if (shared) 1 else 2);
+            q += L * (2 * qb(D * D, gs) + 2 * qb(kvD * D, gs) + 3 * qb(H * D, gs));
+            break :blk 256 + 4 * norms + q;
+        },
+    };
+}
+
+/// Walks the weights in file order; sizes were checked up front, so running
+/// out means a bug here, reported rather than read past.
+const Cursor = struct {
+    bytes: []const u8,
+    unaligned: bool = false,
+
+    fn take(cur: *Cursor, n: usize) error{Truncated}![]const u8 {
+        if (n > cur.bytes.len) return error.Truncated;
+        defer cur.bytes = cur.bytes[n..];
+        return cur.bytes[0..n];
+    }
+    fn floats(cur: *Cursor, n: usize) error{Truncated}![]const f32 {
+        const b = try cur.take(4 * n);
+        if (!std.mem.isAligned(@intFromPtr(b.ptr), 4)) {
+            cur.unaligned = true; // only int8 scales after odd group sizes
+            return &.{};
+        }
+        return @as([*]const f32, @ptrCast(@alignCast(b.ptr)))[0..n];
+    }
+    fn matrix(cur: *Cursor, numel: usize, gs: usize) error{Truncated}!Matrix {
+        if (gs == 0) return .{ .f32 = try cur.floats(numel) };
+        const q = try cur.take(numel);
+        return .{ .q8 = .{ .q = @ptrCast(q), .s = try cur.floats(numel / gs) } };
+    }
+};
+
+pub const Transformer = struct {
+    config: Config,
+    version: u8,
+    shared: bool,
+    group_size: usize, // Q8_0 group size (v2); 0 for fp32
+    rms_final: []const f32,
+    embedding: Matrix,
+    classifier: Matrix,
+    layers: []Layer,
+    state: State,
+    pool: ?*Pool = null,
+    gpa: Allocator,
+
+    /// Point the weights into `bytes` (a whole model.bin, kept alive by the
+    /// caller) and allocate the run state. `name` is for messages.
+    pub fn init(gpa: Allocator, bytes: []const u8, name: []const u8, diag: *Diagnostic) Error!Transformer {
+        if (bytes.len == 0) return diag.fail(error.BadModel, "{s}: file is empty", .{name});
+        if (bytes.len < 28) return diag.fail(error.BadModel, "{s}: file is {d} bytes, too short for a header", .{ name, bytes.len });
+        const has_magic = readInt(u32, bytes, 0) == magic;
+        var version: u8 = 0;
+        var shared = false;
+        var gs: usize = 0;
+        var first_field: usize = 0;
+        if (has_magic) {
+            if (bytes.len < 256) return diag.fail(error.BadModel, "{s}: file is {d} bytes, cut off inside the 256-byte header", .{ name, bytes.len });
+            const v = readInt(i32, bytes, 4);
+            if (v != 1 and v != 2) return diag.fail(error.BadModel, "{s}: unknown model.bin version {d} (this runtime reads 0, 1 and 2)", .{ name, v });
+            version = @intCast(v);
+            const flag = bytes[36];
+            if (flag > 1) return diag.fail(error.BadModel, "{s}: bad header: shared_classifier flag is {d} (must be 0 or 1)", .{ name, flag });
+            shared = flag == 1;
+            first_field = 8;
+        }
+        var raw: [7]i32 = undefined;
+        for (&raw, 0..) |*f, i| f.* = readInt(i32, bytes, first_field + 4 * i);
+        if (version == 0) {
+            // no magic: a negative vocab_size means an unshared classifier at the end
+            if (raw[5] == std.math.minInt(i32)) raw[5] = 0;
+            shared = raw[5] > 0;
+            raw[5] = @intCast(@abs(raw[5]));
+        }
+        const config = checkConfig(raw, name, diag) catch |err| {
+            if (version == 0) { // no magic and no plausible v0 header: say both
+                var tmp: [640]u8 = undefined;
+                const first = std.fmt.bufPrint(&tmp, "{s}", .{diag.msg}) catch diag.msg;
+                return diag.fail(err, "{s} (no magic 0x{x:0>8}, read as version 0)", .{ first, magic });
+            }
+            return err;
+        };
+        const D = config.dim;
+        const H = config.hidden_dim;
+        if (version == 2) {
+            const g = readInt(i32, bytes, 37); // unaligned, right after the flag byte
+            if (g <= 0 or D % @as(usize, @intCast(g)) != 0 or H % @as(usize, @intCast(g)) != 0)
+                return diag.fail(error.BadModel, "{s}: group size {d} does not divide dim {d} and hidden_dim {d}", .{ name, g, D, H });
+            gs = @intCast(g);
+        }
+        const want = expectedSize(config, version, shared, gs);
+        if (want != bytes.len) {
+            return diag.fail(error.BadModel, "{s}: file is {d} bytes but its version-{d} header (dim {d}, hidden_dim {d}, n_layers {d}, " ++
+                "n_heads {d}, n_kv_heads {d}, vocab_size {d}, seq_len {d}{s}) needs {d} bytes{s}", .{
+                name,              bytes.len,          version,         D,                 H,
+                config.n_layers,   config.n_heads,     config.n_kv_heads, config.vocab_size, config.seq_len,
+                if (shared) "" else ", unshared classifier", want, if (bytes.len < want) " (cut off?)" else "",
+            });
+        }
+
+        const layers = try gpa.alloc(Layer, config.n_layers);
+        errdefer gpa.free(layers);
+        var t: Transformer = .{
+            .config = config,
+            .version = version,
+            .shared = shared,
+            .group_size = gs,
+            .rms_final = &.{},
+            .embedding = undefined,
+            .classifier = undefined,
+            .layers = layers,
+            .state = undefined,
+            .gpa = gpa,
+        };
+        var cur: Cursor = .{ .bytes = bytes[if (version == 0) 28 else 256..] };
+        t.mapWeights(&cur) catch return diag.fail(error.BadModel, "{s}: internal size mismatch", .{name});
+        if (cur.unaligned) return diag.fail(error.BadModel, "{s}: group size {d} leaves scales unaligned (unsupported)", .{ name, gs });
+        if (cur.bytes.len != 0) return diag.fail(error.BadModel, "{s}: internal size mismatch", .{name});
+
+        const kv_bytes: u64 = 2 * @as(u64, config.n_layers) * config.seq_len * config.kvDim() * 4;
+        if (kv_bytes > max_state_bytes)
+            return diag.fail(error.BadModel, "{s}: KV cache for seq_len {d} would need {d:.1} GiB", .{ name, config.seq_len, @as(f64, @floatFromInt(kv_bytes)) / 1073741824.0 });
+        t.state = State.init(gpa, config) catch return diag.fail(error.OutOfMemory, "{s}: out of memory for the run state", .{name});
+        return t;
+    }
+
+    fn mapWeights(t: *Transformer, cur: *Cursor) error{Truncated}!void {
+        const c = t.config;
+        const D = c.dim;
+        const H = c.hidden_dim;
+        const kvD = c.kvDim();
+        const L = c.n_layers;
+        const V = c.vocab_size;
+        const gs = t.group_size;
+        const shape = [7][2]usize{ .{ D, D }, .{ kvD, D }, .{ kvD, D }, .{ D, D }, .{ H, D }, .{ D, H }, .{ H, D } };
+        const kinds = [7][]const u8{ "wq", "wk", "wv", "wo", "w1", "w2", "w3" };
+        if (t.version == 2) {
+            // fp32 norms, then each quantized matrix (values, then its scales), layer by layer
+            const rms_att = try cur.floats(L * D);
+            const rms_ffn = try cur.floats(L * D);
+            t.rms_final = try cur.floats(D);
+            t.embedding = try cur.matrix(V * D, gs);
+            for (t.layers, 0..) |*layer, l| {
+                layer.rms_att = rms_att[l * D ..][0..D];
+                layer.rms_ffn = rms_ffn[l * D ..][0..D];
+            }
+            inline for (kinds, shape) |kind, s| {
+                for (t.layers) |*layer| @field(layer, kind) = try cur.matrix(s[0] * s[1], gs);
+            }
+        } else {
+            // fp32: each tensor kind holds all layers in a row
+            var rms_att: []const f32 = undefined;
+            var rms_ffn: []const f32 = undefined;
+            var all: [7][]const f32 = undefined;
+            if (t.version == 0) {
+                t.embedding = .{ .f32 = try cur.floats(V * D) };
+                rms_att = try cur.floats(L * D);
+                for (&all, shape, 0..) |*a, s, k| {
+                    if (k == 4) rms_ffn = try cur.floats(L * D);
+                    a.* = try cur.floats(L * s[0] * s[1]);
+                }
+                t.rms_final = try cur.floats(D);
+                _ = try cur.floats(c.seq_len * (c.headSize() / 2) * 2); // RoPE tables, recomputed
+            } else {
+                rms_att = try cur.floats(L * D);
+                rms_ffn = try cur.floats(L * D);
+                t.rms_final = try cur.floats(D);
+                t.embedding = .{ .f32 = try cur.floats(V * D) };
+                for (&all, shape) |*a, s| a.* = try cur.floats(L * s[0] * s[1]);
+            }
+            for (t.layers, 0..) |*layer, l| {
+                layer.rms_att = rms_att[l * D ..][0..D];
+                layer.rms_ffn = rms_ffn[l * D ..][0..D];
+                inline for (kinds, 0..) |kind, k| {
+                    const n = shape[k][0] * shape[k][1];
+                    @field(layer, kind) = .{ .f32 = all[k][l * n ..][0..n] };
+                }
+            }
+        }
+        t.classifier = if (t.shared) t.embedding else try cur.matrix(V * D, gs);
+    }
+
+    pub fn deinit(t: *Transformer) void {
+        if (t.pool) |pool| pool.deinit();
+        t.state.deinit(t.gpa);
+        t.gpa.free(t.layers);
+        t.* = undefined;
+    }
+
+    /// Run the matmuls on `n` threads from now on (native builds; 1 = serial).
+    pub fn useThreads(t: *Transformer, io: Io, n: usize) error{ OutOfMemory, SystemResources }!void {
+        if (builtin.single_threaded or n <= 1) return;
+        t.pool = try Pool.init(t.gpa, io, n);
+    }
+
+    /// Logits for `token` at position `pos`; positions before `pos` must have
+    /// been run already (they live in the KV cache).
+    pub fn forward(t: *Transformer, token: u32, pos: usize, diag: *Diagnostic) Error![]f32 {
+        const c = t.config;
+        if (token >= c.vocab_size) return diag.fail(error.BadInput, "token {d} out of range 0..{d}", .{ token, c.vocab_size - 1 });
+        if (pos >= c.seq_len) return diag.fail(error.BadInput, "position {d} out of range 0..{d}", .{ pos, c.seq_len - 1 });
+        const s = &t.state;
+        const D = c.dim;
+        switch (t.embedding) {
+            .f32 => |e| @memcpy(s.x, e[token * D ..][0..D]),
+            .q8 => |e| { // dequantise just the row we need
+                const gs = t.group_size;
+                for (s.x, e.q[token * D ..][0..D], 0..) |*x, q, i| x.* = @as(f32, @floatFromInt(q)) * e.s[(token * D + i) / gs];
+            },
+        }
+        for (t.layers, 0..) |*layer, l| {
+            const step: Step = .{ .t = t, .layer = l, .pos = pos };
+            rmsnorm(s.xb, s.x, layer.rms_att);
+            t.quantizeInput(s.xb);
+            t.parallel(step, attentionInputs);
+            t.parallel(step, attention);
+            t.quantizeInput(s.xb);
+            t.parallel(step, attentionOutput);
+            for (s.x, s.xb2) |*x, b| x.* += b;
+            rmsnorm(s.xb, s.x, layer.rms_ffn);
+            t.quantizeInput(s.xb);
+            t.parallel(step, feedForwardIn);
+            t.quantizeInput(s.hb);
+            t.parallel(step, feedForwardOut);
+            for (s.x, s.xb2) |*x, b| x.* += b;
+        }
+        rmsnorm(s.x, s.x, t.rms_final);
+        t.quantizeInput(s.x);
+        t.parallel(.{ .t = t, .layer = 0, .pos = pos }, classify);
+        return s.logits;
+    }
+
+    /// int8 models quantize each matmul input once; all rows and threads share it.
+    fn quantizeInput(t: *Transformer, x: []const f32) void {
+        if (t.group_size != 0) quantize(t.state.xq[0..x.len], t.state.xs[0 .. x.len / t.group_size], x, t.group_size);
+    }
+
+    fn parallel(t: *Transformer, step: Step, comptime job: Job) void {
+        if (t.pool) |pool| pool.run(step, job) else job(step, .{ .index = 0, .count = 1 });
+    }
+
+    /// Rows [lo, hi) of out = m · in.
+    fn matmul(t: *Transformer, out: []f32, m: Matrix, in: []const f32, lo: usize, hi: usize) void {
+        switch (m) {
+            .f32 => |w| matmulF32(out, in, w, lo, hi),
+            .q8 => |w| matmulQ8(out, t.state.xq[0..in.len], t.state.xs[0 .. in.len / t.group_size], w.q, w.s, t.group_size, lo, hi),
+        }
+    }
+};
+
+fn readInt(comptime T: type, bytes: []const u8, offset: usize) T {
+    return std.mem.readInt(T, bytes[offset..][0..4], .little);
+}
+
+fn checkConfig(raw: [7]i32, name: []const u8, diag: *Diagnostic) Error!Config {
+    for (raw, field_names, field_max) |v, field, max| {
+        if (v <= 0 or v > max) return diag.fail(error.BadModel, "{s}: bad header: {s} = {d} (must be 1..{d})", .{ name, field, v, max });
+    }
+    var u: [7]usize = undefined;
+    for (&u, raw) |*x, v| x.* = @intCast(v);
+    const c: Config = .{ .dim = u[0], .hidden_dim = u[1], .n_layers = u[2], .n_heads = u[3], .n_kv_heads = u[4], .vocab_size = u[5], .seq_len = u[6] };
+    if (c.dim % c.n_heads != 0 or c.headSize() % 2 != 0)
+        return diag.fail(error.BadModel, "{s}: bad header: dim {d} must split into {d} heads of even size", .{ name, c.dim, c.n_heads });
+    if (c.n_kv_heads > c.n_heads or c.n_heads % c.n_kv_heads != 0)
+        return diag.fail(error.BadModel, "{s}: bad header: n_heads {d} is not a multiple of n_kv_heads {d}", .{ name, c.n_heads, c.n_kv_heads });
+    return c;
+}
+
+/// Everything the forward pass writes, allocated once.
+const State = struct {
+    arena: std.heap.ArenaAllocator,
+    x: []f32, // D: residual stream
+    xb: []f32, // D: normed input, attention output
+    xb2: []f32, // D: branch output
+    hb: []f32, // H: feed-forward
+    hb2: []f32,
+    q: []f32, // D: query
+    att: []f32, // n_heads × S: attention scores
+    logits: []f32, // V
+    key_cache: []f32, // L × S × kvD
+    value_cache: []f32,
+    xq: []i8, // the quantized matmul input (int8 models), max(D, H)
+    xs: []f32, // its group scales
+    rope_cos: []f32, // S × hs/2
+    rope_sin: []f32,
+
+    fn init(gpa: Allocator, c: Config) Allocator.Error!State {
+        var arena = std.heap.ArenaAllocator.init(gpa);
+        errdefer arena.deinit();
+        const a = arena.allocator();
+        const hs = c.headSize();
+        const kv = c.n_layers * c.seq_len * c.kvDim();
+        const wide = @max(c.dim, c.hidden_dim);
+        var s: State = .{
+            .arena = undefined,
+            .x = try a.alloc(f32, c.dim),
+            .xb = try a.alloc(f32, c.dim),
+            .xb2 = try a.alloc(f32, c.dim),
+            .hb = try a.alloc(f32, c.hidden_dim),
+            .hb2 = try a.alloc(f32, c.hidden_dim),
+            .q = try a.alloc(f32, c.dim),
+            .att = try a.alloc(f32, c.n_heads * c.seq_len),
+            .logits = try a.alloc(f32, c.vocab_size),
+            .key_cache = try a.alloc(f32, kv),
+            .value_cache = try a.alloc(f32, kv),
+            .xq = try a.alloc(i8, wide),
+            .xs = try a.alloc(f32, wide),
+            .rope_cos = try a.alloc(f32, c.seq_len * hs / 2),
+            .rope_sin = try a.alloc(f32, c.seq_len * hs / 2),
+        };
+        @memset(s.key_cache, 0);
+        @memset(s.value_cache, 0);
+        // RoPE as PyTorch computes it (fp32 frequencies and angles): pair
+        // (i, i+1) of each head turns by pos / 10000^(i/hs).
+        for (0..c.seq_len) |pos| {
+            var i: usize = 0;
+            while (i < hs) : (i += 2) {
+                const freq = 1.0 / std.math.pow(f32, 10000.0, @as(f32, @floatFromInt(i)) / @as(f32, @floatFromInt(hs)));
+                const angle: f64 = @as(f32, @floatFromInt(pos)) * freq;
+                s.rope_cos[pos * (hs / 2) + i / 2] = @floatCast(@cos(angle));
+                s.rope_sin[pos * (hs / 2) + i / 2] = @floatCast(@sin(angle));
+            }
+        }
+        s.arena = arena;
+        return s;
+    }
+
+    fn deinit(s: *State, _: Allocator) void {
+        s.arena.deinit();
+    }
+};
+
+// ------------------------------------------------------------------ forward pass: kernels
+
+const f32_lanes = std.simd.suggestVectorLength(f32) orelse 4;
+const F32s = @Vector(f32_lanes, f32);
+const has_fma = switch (builtin.cpu.arch) {
+    .x86_64 => std.Target.x86.featureSetHas(builtin.cpu.features, .fma),
+    .aarch64 => true,
+    else => false, // wasm: no fused multiply-add in SIMD128, @mulAdd would be a libcall
+};
+
+inline fn mulAdd(a: F32s, b: F32s, acc: F32s) F32s {
+    return if (has_fma) @mulAdd(F32s, a, b, acc) else a * b + acc;
+}
+
+inline fn load(s: []const f32, i: usize) F32s {
+    return s[i..][0..f32_lanes].*;
+}
+
+fn dot(a: []const f32, b: []const f32) f32 {
+    var acc: F32s = @splat(0);
+    var i: usize = 0;
+    while (i + f32_lanes <= a.len) : (i += f32_lanes) acc = mulAdd(load(a, i), load(b, i), acc);
+    var sum = @reduce(.Add, acc);
+    while (i < a.len) : (i += 1) sum += a[i] * b[i];
+    return sum;
+}
+
+/// out += a * v
+fn axpy(out: []f32, a: f32, v: []const f32) void {
+    const av: F32s = @splat(a);
+    var i: usize = 0;
+    while (i + f32_lanes <= out.len) : (i += f32_lanes) out[i..][0..f32_lanes].* = mulAdd(av, load(v, i), load(out, i));
+    while (i < out.len) : (i += 1) out[i] += a * v[i];
+}
+
+fn rmsnorm(out: []f32, x: []const f32, w: []const f32) void {
+    var ss: f32 = 0;
+    for (x) |v| ss += v * v;
+    const inv = 1.0 / @sqrt(ss / @as(f32, @floatFromInt(x.len)) + 1e-5);
+    for (out, x, w) |*o, v, g| o.* = g * (inv * v);
+}
+
+fn softmax(x: []f32) void {
+    const max = std.mem.max(f32, x);
+    var sum: f32 = 0;
+    for (x) |*v| {
+        v.* = @exp(v.* - max);
+        sum += v.*;
+    }
+    const inv = 1.0 / sum;
+    for (x) |*v| v.* *= inv;
+}
+
+/// Round half to even, as C's lrintf does in the default rounding mode.
+fn roundEven(v: f32) f32 {
+    const r = @round(v); // half away from zero
+    if (@abs(r - v) == 0.5 and @mod(r, 2) != 0) return r - std.math.sign(r - v);
+    return r;
+}
+
+/// Symmetric Q8_0: per group, scale = max|x| / 127 and q = round(x / scale).
+fn quantize(q: []i8, scales: []f32, x: []const f32, gs: usize) void {
+    for (scales, 0..) |*scale, g| {
+        const xg = x[g * gs ..][0..gs];
+        var amax: f32 = 0;
+        for (xg) |v| amax = @max(amax, @abs(v));
+        scale.* = amax / 127.0;
+        const inv: f32 = if (scale.* > 0) 1.0 / scale.* else 0;
+        for (q[g * gs ..][0..gs], xg) |*qi, v| qi.* = @intFromFloat(roundEven(v * inv));
+    }
+}
+
+/// fp32 rows [lo, hi) of out = W x (W is rows × x.len). Four rows per pass
+/// share each load of x: the loop streams W, so that is what counts.
+fn matmulF32(out: []f32, x: []const f32, w: []const f32, lo: usize, hi: usize) void {
+    const n = x.len;
+    const nv = n - n % f32_lanes;
+    var r = lo;
+    while (r + 4 <= hi) : (r += 4) {
+        const rows = [4][]const f32{ w[r * n ..][0..n], w[(r + 1) * n ..][0..n], w[(r + 2) * n ..][0..n], w[(r + 3) * n ..][0..n] };
+        var acc: [4]F32s = @splat(@splat(0));
+        var j: usize = 0;
+        while (j < nv) : (j += f32_lanes) {
+            const xv = load(x, j);
+            inline for (&acc, rows) |*a, row| a.* = mulAdd(load(row, j), xv, a.*);
+        }
+        inline for (acc, rows, 0..) |a, row, k| {
+            var sum = @reduce(.Add, a);
+            for (row[nv..], x[nv..]) |wv, xv| sum += wv * xv;
+            out[r + k] = sum;
+        }
+    }
+    while (r < hi) : (r += 1) out[r] = dot(w[r * n ..][0..n], x);
+}
+
+const i8_lanes = 16;
+const I32s = @Vector(i8_lanes, i32);
+
+inline fn loadI8(s: []const i8, i: usize) I32s {
+    const v: @Vector(i8_lanes, i8) = s[i..][0..i8_lanes].*;
+    return v;
+}
+
+/// int8 rows [lo, hi) of out = W x with x already quantized to (xq, xs):
+/// exact integer dot products per group, scaled in fp32.
+fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) void {
+    const n = xq.len;
+    const ng = n / gs;
+    var r = lo;
+    if (gs % i8_lanes == 0) {
+        while (r + 4 <= hi) : (r += 4) {
+            var acc: [4]F32s = @splat(@splat(0));
+            for (0..ng) |g| {
+                var dots: [4]I32s = @splat(@splat(0));
+                var j = g * gs;
+                while (j < (g + 1) * gs) : (j += i8_lanes) {
+                    const xv = loadI8(xq, j);
+                    inline for (&dots, 0..) |*d, k| d.* += xv * loadI8(wq, (r + k) * n + j);
+                }
+                inline for (&acc, dots, 0..) |*a, d, k| {
+                    const s: F32s = @splat(ws[(r + k) * ng + g] * xs[g]);
+                    a.* = mulAdd(toF32s(d), s, a.*);
+                }
+            }
+            inline for (acc, 0..) |a, k| out[r + k] = @reduce(.Add, a);
+        }
+    }
+    // any group size: an integer dot product per group
+    while (r < hi) : (r += 1) {
+        var sum: f32 = 0;
+        for (0..ng) |g| {
+            var isum: i32 = 0;
+            for (xq[g * gs ..][0..gs], wq[r * n + g * gs ..][0..gs]) |a, b| isum += @as(i32, a) * b;
+            sum += @as(f32, @floatFromInt(isum)) * ws[r * ng + g] * xs[g];
+        }
+        out[r] = sum;
+    }
+}
+
+/// The 16 integer lanes as f32_lanes floats: wider float vectors take them
+/// as they are; narrower ones (wasm SIMD128: 4) add the quarters first, exactly.
+inline fn toF32s(d: I32s) F32s {
+    comptime std.debug.assert(i8_lanes % f32_lanes == 0);
+    var sum: @Vector(f32_lanes, i32) = @splat(0);
+    inline for (0..i8_lanes / f32_lanes) |part| {
+        const lanes = comptime blk: {
+            var m: [f32_lanes]i32 = undefined;
+            for (&m, 0..) |*x, i| x.* = part * f32_lanes + i;
+            break :blk m;
+        };
+        sum += @shuffle(i32, d, undefined, lanes);
+    }
+    return @floatFromInt(sum);
+}
+
+// ------------------------------------------------------------------ forward pass: the jobs
+
+/// A slice of the work: part `index` of `count` (one per thread).
+pub const Part = struct {
+    index: usize,
+    count: usize,
+
+    /// This part of n rows: contiguous, cut on multiples of 4 so the
+    /// four-row kernels and RoPE pairs never straddle threads.
+    fn rows(p: Part, n: usize) struct { usize, usize } {
+        const blocks = (n + 3) / 4;
+        return .{ @min(n, 4 * (blocks * p.index / p.count)), @min(n, 4 * (blocks * (p.index + 1) / p.count)) };
+    }
+};
+
+const Step = struct { t: *Transformer, layer: usize, pos: usize };
+const Job = fn (Step, Part) void;
+
+/// Rotate pairs (i, i+1) of x[lo..hi) by this position's angles.
+fn rope(x: []f32, lo: usize, hi: usize, hs: usize, cos: []const f32, sin: []const f32) void {
+    var i = lo;
+    while (i < hi) : (i += 2) {
+        const c = cos[(i % hs) / 2];
+        const s = sin[(i % hs) / 2];
+        const x0 = x[i];
+        const x1 = x[i + 1];
+        x[i] = x0 * c - x1 * s;
+        x[i + 1] = x0 * s + x1 * c;
+    }
+}
+
+fn cacheRow(t: *Transformer, cache: []f32, layer: usize, pos: usize) []f32 {
+    const kvD = t.config.kvDim();
+    return cache[(layer * t.config.seq_len + pos) * kvD ..][0..kvD];
+}
+
+/// q, k and v for this position (k and v straight into the cache), with RoPE.
+fn attentionInputs(st: Step, part: Part) void {
+    const t = st.t;
+    const s = &t.state;
+    const layer = &t.layers[st.layer];
+    const hs = t.config.headSize();
+    const cos = s.rope_cos[st.pos * (hs / 2) ..][0 .. hs / 2];
+    const sin = s.rope_sin[st.pos * (hs / 2) ..][0 .. hs / 2];
+    const k = cacheRow(t, s.key_cache, st.layer, st.pos);
+    const v = cacheRow(t, s.value_cache, st.layer, st.pos);
+    const qa, const qb = part.rows(t.config.dim);
+    t.matmul(s.q, layer.wq, s.xb, qa, qb);
+    rope(s.q, qa, qb, hs, cos, sin);
+    const ka, const kb = part.rows(k.len);
+    t.matmul(k, layer.wk, s.xb, ka, kb);
+    t.matmul(v, layer.wv, s.xb, ka, kb);
+    rope(k, ka, kb, hs, cos, sin);
+}
+
+/// Causal attention over positions 0..pos, heads split over the parts; out into xb.
+fn attention(st: Step, part: Part) void {
+    const t = st.t;
+    const c = t.config;
+    const s = &t.state;
+    const hs = c.headSize();
+    const kvD = c.kvDim();
+    const group = c.n_heads / c.n_kv_heads;
+    const scale = 1.0 / @sqrt(@as(f32, @floatFromInt(hs)));
+    const layer_off = st.layer * c.seq_len * kvD;
+    for (c.n_heads * part.index / part.count..c.n_heads * (part.index + 1) / part.count) |h| {
+        const q = s.q[h * hs ..][0..hs];
+        const att = s.att[h * c.seq_len ..][0 .. st.pos + 1];
+        const off = layer_off + (h / group) * hs;
+        for (att, 0..) |*a, p| a.* = dot(q, s.key_cache[off + p * kvD ..][0..hs]) * scale;
+        softmax(att);
+        const o = s.xb[h * hs ..][0..hs];
+        @memset(o, 0);
+        for (att, 0..) |a, p| axpy(o, a, s.value_cache[off + p * kvD ..][0..hs]);
+    }
+}
+
+fn attentionOutput(st: Step, part: Part) void {
+    const t = st.t;
+    const a, const b = part.rows(t.config.dim);
+    t.matmul(t.state.xb2, t.layers[st.layer].wo, t.state.xb, a, b);
+}
+
+/// SwiGLU: silu(w1 x) * (w3 x), each part on its own rows.
+fn feedForwardIn(st: Step, part: Part) void {
+    const t = st.t;
+    const s = &t.state;
+    const layer = &t.layers[st.layer];
+    const a, const b = part.rows(t.config.hidden_dim);
+    t.matmul(s.hb, layer.w1, s.xb, a, b);
+    t.matmul(s.hb2, layer.w3, s.xb, a, b);
+    for (s.hb[a..b], s.hb2[a..b]) |*h, g| h.* = h.* / (1.0 + @exp(-h.*)) * g;
+}
+
+fn feedForwardOut(st: Step, part: Part) void {
+    const t = st.t;
+    const a, const b = part.rows(t.config.dim);
+    t.matmul(t.state.xb2, t.layers[st.layer].w2, t.state.hb, a, b);
+}
+
+fn classify(st: Step, part: Part) void {
+    const t = st.t;
+    const a, const b = part.rows(t.config.vocab_size);
+    t.matmul(t.state.logits, t.classifier, t.state.x, a, b);
+}
+
+// ------------------------------------------------------------------ thread pool
+
+/// Workers that run one job at a time with the calling thread, each on its
+/// own Part. They spin briefly between jobs (a token is ~30 jobs in quick
+/// succession), then sleep on a futex.
+const Pool = struct {
+    gpa: Allocator,
+    io: Io,
+    threads: []std.Thread,
+    generation: std.atomic.Value(u32) = .init(0),
+    pending: std.atomic.Value(u32) = .init(0),
+    quit: bool = false,
+    job: *const Job = undefined,
+    step: Step = undefined,
+
+    const spins = 1 << 14;
+
+    fn init(gpa: Allocator, io: Io, n: usize) error{ OutOfMemory, SystemResources }!*Pool {
+        const pool = try gpa.create(Pool);
+        errdefer gpa.destroy(pool);
+        pool.* = .{ .gpa = gpa, .io = io, .threads = try gpa.alloc(std.Thread, n - 1) };
+        errdefer gpa.free(pool.threads);
+        for (pool.threads, 0..) |*th, i| {
+            th.* = std.Thread.spawn(.{}, worker, .{ pool, i + 1 }) catch {
+                pool.stop(pool.threads[0..i]);
+                return error.SystemResources;
+            };
+        }
+        return pool;
+    }
+
+    fn deinit(pool: *Pool) void {
+        pool.stop(pool.threads);
+        pool.gpa.free(pool.threads);
+        pool.gpa.destroy(pool);
+    }
+
+    fn stop(pool: *Pool, started: []std.Thread) void {
+        pool.quit = true;
+        _ = pool.generation.fetchAdd(1, .release);
+        pool.io.futexWake(u32, &pool.generation.raw, std.math.maxInt(u32));
+        for (started) |th| th.join();
+    }
+
+    fn run(pool: *Pool, step: Step, comptime job: Job) void {
+        const count = pool.threads.len + 1;
+        pool.job = &job;
+        pool.step = step;
+        pool.pending.store(@intCast(pool.threads.len), .monotonic);
+        _ = pool.generation.fetchAdd(1, .release);
+        pool.io.futexWake(u32, &pool.generation.raw, std.math.maxInt(u32));
+        job(step, .{ .index = 0, .count = count });
+        var n: usize = 0;
+        while (true) : (n += 1) {
+            const left = pool.pending.load(.acquire);
+            if (left == 0) break;
+            if (n < spins) std.atomic.spinLoopHint() else pool.io.futexWaitUncancelable(u32, &pool.pending.raw, left);
+        }
+    }
+
+    fn worker(pool: *Pool, index: usize) void {
+        var seen: u32 = 0;
+        while (true) {
+            var n: usize = 0;
+            while (true) : (n += 1) {
+                const gen = pool.generation.load(.acquire);
+                if (gen != seen) {
+                    seen = gen;
+                    break;
+                }
+                if (n < spins) std.atomic.spinLoopHint() else pool.io.futexWaitUncancelable(u32, &pool.generation.raw, seen);
+            }
+            if (pool.quit) return;
+            pool.job(pool.step, .{ .index = index, .count = pool.threads.len + 1 });
+            if (pool.pending.fetchSub(1, .acq_rel) == 1) pool.io.futexWake(u32, &pool.pending.raw, 1);
+        }
+    }
+};
+
+// ------------------------------------------------------------------ tokenizer
+
+const max_piece = 65536;
+
+pub const Tokenizer = struct {
+    gpa: Allocator,
+    bytes: []u8, // our copy of tokenizer.bin; pieces point into it
+    pieces: [][]const u8,
+    scores: []f32,
+    byte_of: []?u8, // "<0xNN>" pieces: the byte NN
+    sorted: []u32, // ids ordered by piece bytes, for binary search
+    merge_buf: []u8, // two pieces side by side
+
+    /// Parse tokenizer.bin; it must hold exactly `vocab_size` pieces.
+    pub fn init(gpa: Allocator, data: []const u8, vocab_size: usize, name: []const u8, diag: *Diagnostic) Error!Tokenizer {
+        if (data.len == 0) return diag.fail(error.BadTokenizer, "{s}: file is empty", .{name});
+        if (vocab_size < 3 or vocab_size > max_vocab)
+            return diag.fail(error.BadTokenizer, "{s}: vocab_size {d} is not usable (need 3..{d})", .{ name, vocab_size, max_vocab });
+        if (data.len < 4) return diag.fail(error.BadTokenizer, "{s}: file is {d} bytes, cut off inside the header", .{ name, data.len });
+        const header_max = readInt(i32, data, 0);
+        if (header_max <= 0 or header_max > max_piece) return diag.fail(error.BadTokenizer, "{s}: bad header: max_token_length {d}", .{ name, header_max });
+        // first pass: validate and measure
+        var off: usize = 4;
+        var longest: usize = 1;
+        for (0..vocab_size) |i| {
+            if (data.len - off < 8)
+                return diag.fail(error.BadTokenizer, "{s}: cut off at piece {d} of {d} (the model's vocab_size is {d})", .{ name, i, vocab_size, vocab_size });
+            const len = readInt(i32, data, off + 4);
+            if (len < 0 or len > max_piece) return diag.fail(error.BadTokenizer, "{s}: piece {d} has bad length {d}", .{ name, i, len });
+            if (@as(usize, @intCast(len)) > data.len - off - 8)
+                return diag.fail(error.BadTokenizer, "{s}: cut off inside piece {d} of {d} (the model's vocab_size is {d})", .{ name, i, vocab_size, vocab_size });
+            off += 8 + @as(usize, @intCast(len));
+            longest = @max(longest, @as(usize, @intCast(len)));
+        }
+        if (off != data.len)
+            return diag.fail(error.BadTokenizer, "{s}: {d} bytes left over after {d} pieces: it does not fit the model's vocab_size {d}", .{ name, data.len - off, vocab_size, vocab_size });
+
+        const bytes = try gpa.dupe(u8, data);
+        errdefer gpa.free(bytes);
+        const pieces = try gpa.alloc([]const u8, vocab_size);
+        errdefer gpa.free(pieces);
+        const scores = try gpa.alloc(f32, vocab_size);
+        errdefer gpa.free(scores);
+        const byte_of = try gpa.alloc(?u8, vocab_size);
+        errdefer gpa.free(byte_of);
+        const sorted = try gpa.alloc(u32, vocab_size);
+        errdefer gpa.free(sorted);
+        const merge_buf = try gpa.alloc(u8, 2 * longest);
+        off = 4;
+        for (pieces, scores, byte_of, sorted, 0..) |*piece, *score, *byte, *id, i| {
+            const len: usize = @intCast(readInt(i32, bytes, off + 4));
+            score.* = @bitCast(readInt(u32, bytes, off));
+            piece.* = bytes[off + 8 ..][0..len];
+            byte.* = parseBytePiece(piece.*);
+            id.* = @intCast(i);
+            off += 8 + len;
+        }
+        std.mem.sort(u32, sorted, pieces, struct {
+            fn lessThan(p: [][]const u8, a: u32, b: u32) bool {
+                return std.mem.order(u8, p[a], p[b]) == .lt;
+            }
+        }.lessThan);
+        return .{ .gpa = gpa, .bytes = bytes, .pieces = pieces, .scores = scores, .byte_of = byte_of, .sorted = sorted, .merge_buf = merge_buf };
+    }
+
+    pub fn deinit(t: *Tokenizer) void {
+        inline for (.{ t.bytes, t.pieces, t.scores, t.byte_of, t.sorted, t.merge_buf }) |owned| t.gpa.free(owned);
+        t.* = undefined;
+    }
+
+    pub fn vocabSize(t: *const Tokenizer) usize {
+        return t.pieces.len;
+    }
+
+    fn parseBytePiece(p: []const u8) ?u8 {
+        if (p.len != 6 or !std.mem.startsWith(u8, p, "<0x") or p[5] != '>') return null;
+        return std.fmt.parseInt(u8, p[3..5], 16) catch null;
+    }
+
+    /// The id of the piece with exactly these bytes.
+    pub fn lookup(t: *const Tokenizer, s: []const u8) ?u32 {
+        const i = std.sort.binarySearch(u32, t.sorted, Key{ .pieces = t.pieces, .s = s }, Key.compare) orelse return null;
+        return t.sorted[i];
+    }
+
+    const Key = struct {
+        pieces: []const []const u8,
+        s: []const u8,
+        fn compare(k: Key, id: u32) std.math.Order {
+            return std.mem.order(u8, k.s, k.pieces[id]);
+        }
+    };
+
+    fn pairId(t: *Tokenizer, a: u32, b: u32) ?u32 {
+        const pa = t.pieces[a];
+        const pb = t.pieces[b];
+        @memcpy(t.merge_buf[0..pa.len], pa);
+        @memcpy(t.merge_buf[pa.len..][0..pb.len], pb);
+        return t.lookup(t.merge_buf[0 .. pa.len + pb.len]);
+    }
+
+    /// llama2.c's encoding: BOS, a dummy-prefix space, code points with byte
+    /// fallback (id = byte + 3), then merges of the best-scoring adjacent pair
+    /// (leftmost wins ties, as in SentencePiece). Caller frees the ids.
+    pub fn encode(t: *Tokenizer, gpa: Allocator, text: []const u8, add_bos: bool, add_eos: bool, diag: *Diagnostic) Error![]u32 {
+        var ids: std.ArrayList(u32) = .empty;
+        defer ids.deinit(gpa);
+        if (text.len > 0) if (t.lookup(" ")) |space| try ids.append(gpa, space);
+        var i: usize = 0;
+        while (i < text.len) {
+            const n = utf8Length(text[i..]);
+            // U+2581 "▁" is SentencePiece's space marker, stored as a space
+            const is_marker = std.mem.eql(u8, text[i..][0..n], "\u{2581}");
+            if (t.lookup(if (is_marker) " " else text[i..][0..n])) |id| {
+                try ids.append(gpa, id);
+            } else for (text[i..][0..n]) |byte| {
+                if (@as(usize, byte) + 3 >= t.vocabSize())
+                    return diag.fail(error.BadInput, "encode: byte 0x{x:0>2} has no byte-fallback piece in a {d}-piece vocabulary", .{ byte, t.vocabSize() });
+                try ids.append(gpa, @as(u32, byte) + 3);
+            }
+            i += n;
+        }
+        // merge; after each merge only the two neighbouring pairs change
+        if (ids.items.len >= 2) {
+            var pairs: std.ArrayList(?u32) = .empty;
+            defer pairs.deinit(gpa);
+            for (ids.items[0 .. ids.items.len - 1], ids.items[1..]) |a, b| try pairs.append(gpa, t.pairId(a, b));
+            while (true) {
+                var best: ?usize = null;
+                var best_score: f32 = 0;
+                for (pairs.items, 0..) |pair, k| if (pair) |id| {
+                    if (best == null or t.scores[id] > best_score) {
+                        best = k;
+                        best_score = t.scores[id];
+                    }
+                };
+                const k = best orelse break;
+                ids.items[k] = pairs.items[k].?;
+                _ = ids.orderedRemove(k + 1);
+                _ = pairs.orderedRemove(if (k + 1 < pairs.items.len) k + 1 else k);
+                if (k > 0) pairs.items[k - 1] = t.pairId(ids.items[k - 1], ids.items[k]);
+                if (k + 1 < ids.items.len) pairs.items[k] = t.pairId(ids.items[k], ids.items[k + 1]);
+            }
+        }
+        if (add_bos) try ids.insert(gpa, 0, bos);
+        if (add_eos) try ids.append(gpa, eos);
+        return ids.toOwnedSlice(gpa);
+    }
+
+    /// The bytes `token` stands for after `prev` (null: start of output).
+    /// At the start and after BOS a leading space is dropped; BOS and EOS
+    /// decode to nothing; "<0xNN>" pieces are the byte NN.
+    pub fn decode(t: *const Tokenizer, prev: ?u32, token: u32) []const u8 {
+        if (token >= t.vocabSize() or token == bos or token == eos) return "";
+        if (t.byte_of[token]) |b| return byte_strings[b .. @as(usize, b) + 1];
+        const p = t.pieces[token];
+        if ((prev == null or prev == bos) and p.len > 0 and p[0] == ' ') return p[1..];
+        return p;
+    }
+};
+
+const byte_strings: [256]u8 = blk: {
+    var all: [256]u8 = undefined;
+    for (&all, 0..) |*b, i| b.* = i;
+    break :blk all;
+};
+
+/// Length of the valid UTF-8 sequence at the start of s (1..4), or 1 for an
+/// invalid byte, which then goes through byte fallback like any unknown character.
+fn utf8Length(s: []const u8) usize {
+    const n = std.unicode.utf8ByteSequenceLength(s[0]) catch return 1;
+    if (n == 1 or n > s.len) return 1;
+    _ = std.unicode.utf8Decode(s[0..n]) catch return 1; // overlong, surrogate, out of range
+    return n;
+}
+
+/// Whether a piece is fit for a terminal: lone control bytes (other than
+/// whitespace) are not; bytes >= 0x80 are (they form UTF-8).
+pub fn printable(piece: []const u8) bool {
+    if (piece.len != 1) return true;
+    const c = piece[0];
+    return !((c < 0x20 and c != '\n' and c != '\t' and c != '\r') or c == 0x7f);
+}
+
+// ------------------------------------------------------------------ sampler
+
+pub const Sampler = struct {
+    temperature: f32,
+    topp: f32,
+    rng: u64,
+    buf: []f32, // vocab_size floats, for top-p
+
+    pub fn init(gpa: Allocator, vocab_size: usize, temperature: f32, topp: f32, seed: u64) Allocator.Error!Sampler {
+        return .{ .temperature = temperature, .topp = topp, .rng = seedState(seed), .buf = try gpa.alloc(f32, vocab_size) };
+    }
+
+    pub fn deinit(s: *Sampler, gpa: Allocator) void {
+        gpa.free(s.buf);
+    }
+
+    /// xorshift64*
+    fn nextU32(s: *Sampler) u32 {
+        s.rng ^= s.rng >> 12;
+        s.rng ^= s.rng << 25;
+        s.rng ^= s.rng >> 27;
+        return @truncate((s.rng *% 0x2545F4914F6CDD1D) >> 32);
+    }
+
+    /// Uniform in [0, 1).
+    fn nextF32(s: *Sampler) f32 {
+        return @as(f32, @floatFromInt(s.nextU32() >> 8)) / 16777216.0;
+    }
+
+    /// splitmix64 of the seed; xorshift must not start at 0.
+    fn seedState(seed: u64) u64 {
+        var z = seed +% 0x9E3779B97F4A7C15;
+        z = (z ^ (z >> 30)) *% 0xBF58476D1CE4E5B9;
+        z = (z ^ (z >> 27)) *% 0x94D049BB133111EB;
+        z ^= z >> 31;
+        return if (z != 0) z else 0x2545F4914F6CDD1D;
+    }
+
+    /// The next token from these logits (which it overwrites).
+    pub fn sample(s: *Sampler, logits: []f32) u32 {
+        if (s.temperature == 0) return argmax(logits);
+        for (logits) |*l| l.* /= s.temperature;
+        softmax(logits);
+        const coin = s.nextF32();
+        if (s.topp <= 0 or s.topp >= 1) return sampleFrom(logits, 0, 1, coin);
+        const th = toppThreshold(logits, s.topp, s.buf);
+        return sampleFrom(logits, th, massAtLeast(logits, th), coin);
+    }
+};
+
+fn argmax(p: []const f32) u32 {
+    var best: usize = 0;
+    for (p, 0..) |v, i| {
+        if (v > p[best]) best = i;
+    }
+    return @intCast(best);
+}
+
+fn keptMass(p: []const f32, th: f32) f32 {
+    var sum: f32 = 0;
+    for (p) |v| sum += if (v >= th) v else 0;
+    return sum;
+}
+
+fn massAtLeast(p: []const f32, th: f32) f32 {
+    return keptMass(p, th);
+}
+
+/// Pick i with probability p[i]/mass among p[i] >= th, by coin in [0, 1);
+/// whole blocks of 16 are skipped until the one holding the target.
+fn sampleFrom(p: []const f32, th: f32, mass: f32, coin: f32) u32 {
+    const r = coin * mass;
+    var cum: f32 = 0;
+    var last: ?usize = null;
+    var i: usize = 0;
+    while (i + 16 <= p.len) : (i += 16) {
+        const bs = keptMass(p[i..][0..16], th);
+        if (cum + bs > r) break;
+        cum += bs;
+    }
+    while (i < p.len) : (i += 1) {
+        if (p[i] >= th) {
+            cum += p[i];
+            last = i;
+            if (r < cum) return @intCast(i);
+        }
+    }
+    if (last == null) { // rounding left us past the end: take the last candidate
+        var k = p.len;
+        while (k > 0) {
+            k -= 1;
+            if (p[k] >= th) return @intCast(k);
+        }
+    }
+    return if (last) |l| @intCast(l) else argmax(p);
+}
+
+/// Keep the values of src that are > pivot (high) or <= pivot (!high) in
+/// dst, in order; dst may alias src. Returns how many.
+fn compact(dst: []f32, src: []const f32, pivot: f32, high: bool) usize {
+    var k: usize = 0;
+    for (src) |v| {
+        dst[k] = v;
+        if ((v > pivot) == high) k += 1;
+    }
+    return k;
+}
+
+/// Top-p without sorting the vocabulary: the threshold th such that the
+/// tokens with p >= th are the smallest set with mass >= topp. Each round
+/// splits the candidates at a pivot (alternately their mean, and the midpoint
+/// of their float bit patterns, which bounds the rounds at ~32) and keeps the
+/// side holding the boundary; the last few are sorted.
+fn toppThreshold(p: []const f32, topp: f32, buf: []f32) f32 {
+    var src = p;
+    var need = topp;
+    var mass: f32 = 1;
+    var lo: f32 = 0;
+    var hi: f32 = 1;
+    var round: usize = 0;
+    while (true) : (round += 1) {
+        if (src.len <= 32) {
+            var v: [32]f32 = undefined;
+            const few = v[0..src.len];
+            @memcpy(few, src);
+            std.sort.insertion(f32, few, {}, std.sort.desc(f32));
+            for (few) |x| {
+                need -= x;
+                if (need <= 0) return x;
+            }
+            return if (few.len > 0) few[few.len - 1] else 0;
+        }
+        if (round > 0) { // exact bounds of the current candidates
+            lo = std.mem.min(f32, src);
+            hi = std.mem.max(f32, src);
+            if (lo >= hi) return lo; // all equal: keep them all
+        }
+        var pivot = mass / @as(f32, @floatFromInt(src.len));
+        if (round & 1 == 1 or !(pivot >= lo and pivot < hi)) {
+            const a: u64 = @as(u32, @bitCast(lo));
+            const b: u64 = @as(u32, @bitCast(hi));
+            pivot = @bitCast(@as(u32, @intCast((a + b) / 2)));
+        }
+        var above: f32 = 0;
+        for (src) |x| above += if (x > pivot) x else 0;
+        const n = if (above >= need) blk: { // the boundary is above the pivot
+            mass = above;
+            break :blk compact(buf, src, pivot, true);
+        } else blk: { // everything above is in; look below
+            need -= above;
+            mass -= above;
+            break :blk compact(buf, src, pivot, false);
+        };
+        src = buf[0..n];
+        if (round > 64) return src[0]; // cannot happen; a bound, not a path
+    }
+}
+
+// ------------------------------------------------------------------ generation
+
+/// llama2.c's loop as an iterator: feed the prompt, then sample; at most
+/// `steps` forward passes, and (when asked) stop when the model says BOS.
+pub const Generator = struct {
+    t: *Transformer,
+    sampler: *Sampler,
+    prompt: []const u32,
+    steps: usize,
+    stop_at_bos: bool = true,
+    pos: usize = 0, // forward passes done
+    token: u32,
+    done: bool = false,
+
+    pub fn init(t: *Transformer, sampler: *Sampler, prompt: []const u32, steps: usize, diag: *Diagnostic) Error!Generator {
+        if (prompt.len == 0) return diag.fail(error.BadInput, "generate: the prompt needs at least one token (BOS)", .{});
+        return .{ .t = t, .sampler = sampler, .prompt = prompt, .steps = steps, .token = prompt[0] };
+    }
+
+    /// The next token of the sequence after the first prompt token, or null at the end.
+    pub fn next(g: *Generator, diag: *Diagnostic) Error!?u32 {
+        if (g.done or g.pos >= g.steps) return null;
+        const logits = try g.t.forward(g.token, g.pos, diag);
+        const token = if (g.pos + 1 < g.prompt.len) g.prompt[g.pos + 1] else g.sampler.sample(logits);
+        g.pos += 1;
+        if (token == bos and g.pos >= g.prompt.len and g.stop_at_bos) {
+            g.done = true;
+            return null;
+        }
+        g.token = token;
+        return token;
+    }
+};
+
+// ------------------------------------------------------------------ CLI
+
+const usage_text =
+    \\Usage:   runzig <checkpoint> [options]
+    \\Example: runzig model.bin -n 256 -i "Once upon a time"
+    \\Options:
+    \\  -t <float>  temperature in [0,inf), default 1.0 (0 = greedy)
+    \\  -p <float>  top-p (nucleus) in [0,1], default 0.9 (0 or 1 = off)
+    \\  -s <int>    random seed, default time(NULL)
+    \\  -n <int>    number of steps to run, default 256, 0 = seq_len
+    \\  -i <string> input prompt
+    \\  -z <string> tokenizer path, default tokenizer.bin
+    \\  -m <string> mode: generate|chat, default generate
+    \\  -y <string> (optional) system prompt in chat mode
+    \\
+;
+
+const Options = struct {
+    model_path: []const u8,
+    tokenizer_path: []const u8 = "tokenizer.bin",
+    prompt: ?[]const u8 = null,
+    system: ?[]const u8 = null,
+    chat: bool = false,
+    temperature: f32 = 1.0,
+    topp: f32 = 0.9,
+    seed: ?u64 = null,
+    steps: i64 = 256,
+    steps_given: bool = false,
+};
+
+const CliError = Error || error{ Help, Usage };
+
+fn parseOptions(args: []const [:0]const u8, diag: *Diagnostic) CliError!Options {
+    if (args.len < 2) return error.Usage;
+    const first = args[1];
+    if (std.mem.eql(u8, first, "-h") or std.mem.eql(u8, first, "--help")) return error.Help;
+    if (first.len > 0 and first[0] == '-') return diag.fail(error.BadInput, "expected the model path first, got flag '{s}' (see runzig -h)", .{first});
+    var o: Options = .{ .model_path = first };
+    var i: usize = 2;
+    while (i < args.len) : (i += 2) {
+        const flag = args[i];
+        if (std.mem.eql(u8, flag, "-h")) return error.Help;
+        if (flag.len != 2 or flag[0] != '-' or std.mem.indexOfScalar(u8, "tpsnizmy", flag[1]) == null)
+            return diag.fail(error.BadInput, "unknown flag '{s}' (see runzig -h)", .{flag});
+        if (i + 1 >= args.len) return diag.fail(error.BadInput, "flag {s} needs a value (see runzig -h)", .{flag});
+        const v = args[i + 1];
+        switch (flag[1]) {
+            't' => o.temperature = try parseNumber(flag, v, diag),
+            'p' => o.topp = try parseNumber(flag, v, diag),
+            's' => {
+                const x = try parseInteger(flag, v, diag);
+                if (x < 0) return diag.fail(error.BadInput, "-s: seed must be >= 0, got {d}", .{x});
+                o.seed = @intCast(x);
+            },
+            'n' => {
+                o.steps = try parseInteger(flag, v, diag);
+                o.steps_given = true;
+            },
+            'i' => o.prompt = v,
+            'z' => o.tokenizer_path = v,
+            'm' => {
+                if (std.mem.eql(u8, v, "chat")) o.chat = true else if (!std.mem.eql(u8, v, "generate"))
+                    return diag.fail(error.BadInput, "-m: unknown mode '{s}' (generate or chat)", .{v});
+            },
+            'y' => o.system = v,
+            else => unreachable,
+        }
+    }
+    if (o.temperature < 0) return diag.fail(error.BadInput, "-t: temperature must be >= 0, got {d}", .{o.temperature});
+    if (o.topp < 0 or o.topp > 1) return diag.fail(error.BadInput, "-p: top-p must be in [0, 1], got {d}", .{o.topp});
+    return o;
+}
+
+fn parseNumber(flag: []const u8, v: []const u8, diag: *Diagnostic) Error!f32 {
+    const x = std.fmt.parseFloat(f64, std.mem.trimStart(u8, v, " \t\n")) catch
+        return diag.fail(error.BadInput, "{s}: expected a number, got '{s}'", .{ flag, v });
+    if (!std.math.isFinite(x)) return diag.fail(error.BadInput, "{s}: expected a number, got '{s}'", .{ flag, v });
+    return @floatCast(x);
+}
+
+fn parseInteger(flag: []const u8, v: []const u8, diag: *Diagnostic) Error!i64 {
+    return std.fmt.parseInt(i64, std.mem.trimStart(u8, v, " \t\n"), 10) catch
+        diag.fail(error.BadInput, "{s}: expected an integer, got '{s}'", .{ flag, v });
+}
+
+/// A model file mapped into memory for as long as the Transformer needs it.
+const MappedFile = struct {
+    file: Io.File,
+    map: Io.File.MemoryMap,
+
+    fn open(io: Io, path: []const u8, diag: *Diagnostic) Error!MappedFile {
+        const file = Io.Dir.cwd().openFile(io, path, .{}) catch |err|
+            return diag.fail(error.BadModel, "{s}: cannot open: {s}", .{ path, @errorName(err) });
+        errdefer file.close(io);
+        const stat = file.stat(io) catch |err| return diag.fail(error.BadModel, "{s}: cannot stat: {s}", .{ path, @errorName(err) });
+        if (stat.kind != .file) return diag.fail(error.BadModel, "{s}: not a regular file", .{path});
+        if (stat.size == 0) return diag.fail(error.BadModel, "{s}: file is empty", .{path});
+        const len = std.math.cast(usize, stat.size) orelse return diag.fail(error.BadModel, "{s}: too big to map", .{path});
+        const map = file.createMemoryMap(io, .{ .len = len, .protection = .{ .read = true, .write = false } }) catch |err|
+            return diag.fail(error.BadModel, "{s}: mmap failed: {s}", .{ path, @errorName(err) });
+        return .{ .file = file, .map = map };
+    }
+
+    fn close(m: *MappedFile, io: Io) void {
+        m.map.destroy(io);
+        m.file.close(io);
+    }
+};
+
+fn readTokenizer(gpa: Allocator, io: Io, path: []const u8, vocab_size: usize, diag: *Diagnostic) Error!Tokenizer {
+    const data = Io.Dir.cwd().readFileAlloc(io, path, gpa, .unlimited) catch |err| switch (err) {
+        error.OutOfMemory => return error.OutOfMemory,
+        else => return diag.fail(error.BadTokenizer, "{s}: cannot open: {s}", .{ path, @errorName(err) }),
+    };
+    defer gpa.free(data);
+    return Tokenizer.init(gpa, data, vocab_size, path, diag);
+}
+
+/// stdout, written piece by piece and flushed after each, as the story streams.
+const Output = struct {
+    writer: Io.File.Writer,
+
+    fn piece(o: *Output, p: []const u8) Io.Writer.Error!void {
+        if (!printable(p)) return;
+        try o.writer.interface.writeAll(p);
+        try o.writer.interface.flush();
+    }
+    fn text(o: *Output, s: []const u8) Io.Writer.Error!void {
+        try o.writer.interface.writeAll(s);
+        try o.writer.interface.flush();
+    }
+};
+
+fn seconds(io: Io) f64 {
+    const ns = Io.Timestamp.now(io, .awake).nanoseconds;
+    return @as(f64, @floatFromInt(ns)) * 1e-9;
+}
+
+fn threadCount(init: std.process.Init) usize {
+    if (builtin.single_threaded) return 1;
+    if (init.environ_map.get("OMP_NUM_THREADS")) |v| {
+        if (std.fmt.parseInt(usize, v, 10)) |n| return @max(1, @min(n, 256)) else |_| {}
+    }
+    return std.Thread.getCpuCount() catch 1;
+}
+
+pub fn main(init: std.process.Init) u8 {
+    var diag: Diagnostic = .{};
+    cli(init, &diag) catch |err| {
+        var buf: [1024]u8 = undefined;
+        var stderr = Io.File.stderr().writer(init.io, &buf);
+        const w = &stderr.interface;
+        switch (err) {
+            error.Help => {
+                var obuf: [1024]u8 = undefined;
+                var stdout = Io.File.stdout().writer(init.io, &obuf);
+                stdout.interface.writeAll(usage_text) catch {};
+                stdout.interface.flush() catch {};
+                return 0;
+            },
+            error.Usage => w.writeAll(usage_text) catch {},
+            else => {
+                const msg = if (diag.msg.len > 0) diag.msg else @errorName(err);
+                w.print("runzig: {s}\n", .{msg}) catch {};
+            },
+        }
+        w.flush() catch {};
+        return 1;
+    };
+    return 0;
+}
+
+fn cli(init: std.process.Init, diag: *Diagnostic) !void {
+    const io = init.io;
+    const gpa = init.gpa;
+    const args = try init.minimal.args.toSlice(init.arena.allocator());
+    const o = try parseOptions(args, diag);
+    const seed = o.seed orelse @as(u64, @intCast(@max(0, @divFloor(Io.Timestamp.now(io, .real).nanoseconds, std.time.ns_per_s))));
+
+    var mapped = try MappedFile.open(io, o.model_path, diag);
+    defer mapped.close(io);
+    var t = try Transformer.init(gpa, mapped.map.memory, o.model_path, diag);
+    defer t.deinit();
+    const seq_len = t.config.seq_len;
+    var steps: usize = seq_len;
+    var ebuf: [256]u8 = undefined;
+    var stderr = Io.File.stderr().writer(io, &ebuf);
+    if (o.steps_given and (o.steps < 0 or o.steps > seq_len)) {
+        try stderr.interface.print("runzig: note: -n {d} is outside 0..{d}, using seq_len {d}\n", .{ o.steps, seq_len, seq_len });
+        try stderr.interface.flush();
+    } else if (o.steps > 0) steps = @intCast(o.steps);
+    var tokenizer = try readTokenizer(gpa, io, o.tokenizer_path, t.config.vocab_size, diag);
+    defer tokenizer.deinit();
+    var sampler = try Sampler.init(gpa, t.config.vocab_size, o.temperature, o.topp, seed);
+    defer sampler.deinit(gpa);
+    try t.useThreads(io, threadCount(init));
+
+    var obuf: [4096]u8 = undefined;
+    var out: Output = .{ .writer = Io.File.stdout().writer(io, &obuf) };
+    if (o.chat) return chat(gpa, io, &t, &tokenizer, &sampler, &out, o, steps, diag);
+
+    const prompt = try tokenizer.encode(gpa, o.prompt orelse "", true, false, diag);
+    defer gpa.free(prompt);
+    if (prompt.len > seq_len) return diag.fail(error.BadInput, "-i: prompt encodes to {d} tokens, more than seq_len {d}", .{ prompt.len, seq_len });
+    var gen = try Generator.init(&t, &sampler, prompt, steps, diag);
+    var start: f64 = 0;
+    var prev = gen.token;
+    while (try gen.next(diag)) |token| {
+        try out.piece(tokenizer.decode(prev, token));
+        prev = token;
+        if (gen.pos == 1) start = seconds(io); // time from the second token, as llama2.c
+    }
+    try out.text("\n");
+    const tps = if (gen.pos > 1) @as(f64, @floatFromInt(gen.pos - 1)) / (seconds(io) - start) else 0;
+    try stderr.interface.print("achieved tok/s: {d:.6}\n", .{tps});
+    try stderr.interface.flush();
+}
+
+/// Chat: Llama 2's [INST] template; user turns from -i, then stdin.
+fn chat(gpa: Allocator, io: Io, t: *Transformer, tok: *Tokenizer, sampler: *Sampler, out: *Output, o: Options, steps: usize, diag: *Diagnostic) (Error || Io.Writer.Error || error{ReadFailed})!void {
+    var ibuf: [8192]u8 = undefined;
+    var stdin = Io.File.stdin().reader(io, &ibuf);
+    var rendered: std.ArrayList(u8) = .empty;
+    defer rendered.deinit(gpa);
+    var ids: []u32 = &.{};
+    defer gpa.free(ids);
+    var pos: usize = 0;
+    var user_turn = true;
+    var first = true;
+    var next: u32 = 0;
+    var idx: usize = 0;
+    while (pos < steps) {
+        if (user_turn) {
+            const user: []const u8 = if (first and o.prompt != null) o.prompt.? else blk: {
+                try out.text("User: ");
+                const line = stdin.interface.takeDelimiter('\n') catch |err| switch (err) {
+                    error.StreamTooLong => stdin.interface.buffered(),
+                    error.ReadFailed => return error.ReadFailed,
+                } orelse break;
+                break :blk line;
+            };
+            rendered.clearRetainingCapacity();
+            if (first and o.system != null and o.system.?.len > 0)
+                try rendered.print(gpa, "[INST] <<SYS>>\n{s}\n<</SYS>>\n\n{s} [/INST]", .{ o.system.?, user })
+            else
+                try rendered.print(gpa, "[INST] {s} [/INST]", .{user});
+            first = false;
+            gpa.free(ids);
+            ids = &.{};
+            ids = try tok.encode(gpa, rendered.items, true, false, diag);
+            if (pos + ids.len > t.config.seq_len)
+                return diag.fail(error.BadInput, "chat: prompt of {d} tokens does not fit in the {d} positions left of seq_len {d}", .{ ids.len, t.config.seq_len - pos, t.config.seq_len });
+            idx = 0;
+            user_turn = false;
+            try out.text("Assistant: ");
+        }
+        var token: u32 = undefined;
+        if (idx < ids.len) {
+            token = ids[idx];
+            idx += 1;
+        } else token = next;
+        if (idx >= ids.len and token == eos) {
+            user_turn = true;
+            try out.text("\n");
+        }
+        const logits = try t.forward(token, pos, diag);
+        next = sampler.sample(logits);
+        pos += 1;
+        if (idx >= ids.len and next != eos) try out.piece(tok.decode(token, next));
+        if (next == eos) {
+            user_turn = true;
+            try out.text("\n");
+        }
+    }
+    try out.text("\n");
+}
