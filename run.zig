@@ -287,7 +287,7 @@ pub const Transformer = struct {
     }
 
     pub fn deinit(t: *Transformer) void {
-        if (t.pool) |pool| pool.deinit();
+        if (!builtin.single_threaded) if (t.pool) |pool| pool.deinit();
         t.state.deinit(t.gpa);
         t.gpa.free(t.layers);
         t.* = undefined;
@@ -342,7 +342,8 @@ pub const Transformer = struct {
     }
 
     fn parallel(t: *Transformer, step: Step, comptime job: Job) void {
-        if (t.pool) |pool| pool.run(step, job) else job(step, .{ .index = 0, .count = 1 });
+        if (!builtin.single_threaded) if (t.pool) |pool| return pool.run(step, job);
+        job(step, .{ .index = 0, .count = 1 });
     }
 
     /// Rows [lo, hi) of out = m · in.

@@ -1,0 +1,147 @@
+//! run_web.zig: run.zig for the browser (wasm32-freestanding, SIMD128), as a
+//! small exported API that web/worker.js drives one token at a time:
+//!
+//!   alloc(n) -> ptr, copy model.bin / tokenizer.bin in, load(...) -> 0 | -1,
+//!   start(prompt, temperature, topp, seed, steps) -> prompt tokens | -1,
+//!   step() -> next token id | -1 at the end | -2 on error,
+//!   piecePtr()/pieceLen(): that token's bytes; errorPtr()/errorLen(): the message.
+//!
+//! The model bytes stay in wasm memory for the Transformer's lifetime (its
+//! weights point into them), so load() takes ownership of that buffer.
+
+const std = @import("std");
+const run = @import("run.zig");
+
+const gpa = std.heap.wasm_allocator;
+const buffer_alignment: std.mem.Alignment = .@"64";
+
+var diag: run.Diagnostic = .{};
+var loaded: ?Loaded = null;
+var session: ?Session = null;
+var piece: []const u8 = "";
+
+const Loaded = struct {
+    model_bytes: []align(64) u8,
+    transformer: run.Transformer,
+    tokenizer: run.Tokenizer,
+
+    fn deinit(l: *Loaded) void {
+        l.tokenizer.deinit();
+        l.transformer.deinit();
+        gpa.free(l.model_bytes);
+    }
+};
+
+const Session = struct {
+    prompt: []u32,
+    sampler: run.Sampler,
+    generator: run.Generator,
+    prev: u32,
+
+    fn deinit(s: *Session) void {
+        s.sampler.deinit(gpa);
+        gpa.free(s.prompt);
+    }
+};
+
+/// A 64-byte aligned buffer for JavaScript to fill; null when out of memory.
+export fn alloc(len: usize) ?[*]u8 {
+    const buf = gpa.alignedAlloc(u8, buffer_alignment, @max(len, 1)) catch return null;
+    return buf.ptr;
+}
+
+export fn free(ptr: [*]align(64) u8, len: usize) void {
+    gpa.free(ptr[0..@max(len, 1)]);
+}
+
+export fn errorPtr() [*]const u8 {
+    return diag.msg.ptr;
+}
+export fn errorLen() usize {
+    return diag.msg.len;
+}
+export fn piecePtr() [*]const u8 {
+    return piece.ptr;
+}
+export fn pieceLen() usize {
+    return piece.len;
+}
+
+/// Header field i of the loaded model: dim, hidden_dim, n_layers, n_heads,
+/// n_kv_heads, vocab_size, seq_len, then version and group size; -1 if none.
+export fn configField(i: u32) i32 {
+    const t = &(loaded orelse return -1).transformer;
+    const c = t.config;
+    const fields = [_]usize{ c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len, t.version, t.group_size };
+    return if (i < fields.len) @intCast(fields[i]) else -1;
+}
+
+/// Load a model (taking its buffer, from alloc) and a tokenizer (copied; the
+/// caller frees its buffer). Replaces whatever was loaded. 0, or -1 with errorPtr().
+export fn load(model_ptr: [*]align(64) u8, model_len: usize, tok_ptr: [*]const u8, tok_len: usize) i32 {
+    unload();
+    const model_bytes = model_ptr[0..@max(model_len, 1)];
+    loadModel(model_bytes, model_len, tok_ptr[0..tok_len]) catch {
+        gpa.free(model_bytes);
+        return -1;
+    };
+    return 0;
+}
+
+fn loadModel(model_bytes: []align(64) u8, model_len: usize, tok: []const u8) run.Error!void {
+    var transformer = try run.Transformer.init(gpa, model_bytes[0..model_len], "model.bin", &diag);
+    errdefer transformer.deinit();
+    const tokenizer = try run.Tokenizer.init(gpa, tok, transformer.config.vocab_size, "tokenizer.bin", &diag);
+    loaded = .{ .model_bytes = model_bytes, .transformer = transformer, .tokenizer = tokenizer };
+}
+
+fn unload() void {
+    endSession();
+    if (loaded) |*l| l.deinit();
+    loaded = null;
+}
+
+fn endSession() void {
+    if (session) |*s| s.deinit();
+    session = null;
+}
+
+/// Begin a generation (the prompt is UTF-8 text); steps <= 0 means seq_len.
+/// Returns the number of prompt tokens (BOS included), or -1.
+export fn start(prompt_ptr: [*]const u8, prompt_len: usize, temperature: f32, topp: f32, seed: f64, steps: i32) i32 {
+    endSession();
+    const n = startSession(prompt_ptr[0..prompt_len], temperature, topp, seed, steps) catch return -1;
+    return @intCast(n);
+}
+
+fn startSession(text: []const u8, temperature: f32, topp: f32, seed: f64, steps: i32) run.Error!usize {
+    const l = &(loaded orelse return diag.fail(error.BadInput, "no model loaded", .{}));
+    if (!(temperature >= 0)) return diag.fail(error.BadInput, "temperature must be >= 0", .{});
+    if (!(topp >= 0 and topp <= 1)) return diag.fail(error.BadInput, "top-p must be in [0, 1]", .{});
+    if (!(seed >= 0 and seed < 18446744073709551616.0)) return diag.fail(error.BadInput, "seed must be >= 0", .{});
+    const t = &l.transformer;
+    const seq_len = t.config.seq_len;
+    const prompt = try l.tokenizer.encode(gpa, text, true, false, &diag);
+    errdefer gpa.free(prompt);
+    if (prompt.len > seq_len) return diag.fail(error.BadInput, "the prompt encodes to {d} tokens, more than seq_len {d}", .{ prompt.len, seq_len });
+    var sampler = try run.Sampler.init(gpa, t.config.vocab_size, temperature, topp, @intFromFloat(seed));
+    errdefer sampler.deinit(gpa);
+    const n_steps: usize = if (steps <= 0 or steps > seq_len) seq_len else @intCast(steps);
+    session = .{ .prompt = prompt, .sampler = sampler, .generator = undefined, .prev = prompt[0] };
+    const s = &session.?;
+    s.generator = try run.Generator.init(t, &s.sampler, s.prompt, n_steps, &diag);
+    return prompt.len;
+}
+
+/// One forward pass: the next token id (its text in piecePtr/pieceLen),
+/// -1 when the generation is over, -2 on error.
+export fn step() i32 {
+    const s = &(session orelse return -1);
+    const l = &loaded.?;
+    const token = s.generator.next(&diag) catch return -2;
+    const id = token orelse return -1;
+    const p = l.tokenizer.decode(s.prev, id);
+    piece = if (run.printable(p)) p else "";
+    s.prev = id;
+    return @intCast(id);
+}

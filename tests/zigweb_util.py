@@ -1,0 +1,83 @@
+"""Helpers for the Zig, WASI and browser runtime tests: builds, an id tokenizer,
+random models, and the C runtime's greedy ids to compare against."""
+
+import struct
+import subprocess
+
+import pytest
+from crt_util import ROOT, STORIES260K, TINY, build, need  # noqa: F401 (re-exported)
+
+_made = set()
+
+
+def make(target):
+    """`make <target>` once per session; the first build installs requirements-web.txt."""
+    if target not in _made:
+        p = subprocess.run(["nice", "-n", "10", "make", "-s", "-C", str(ROOT), target], capture_output=True,
+                           text=True, timeout=900)
+        if p.returncode != 0:
+            pytest.fail(f"make {target} failed:\n{p.stdout}\n{p.stderr}")
+        _made.add(target)
+
+
+def write_id_tokenizer(path, vocab_size):
+    """A tokenizer.bin whose pieces are " <id>" (BOS/EOS as llama2.c stores them), so
+    the text a runtime prints is its ids: parse_ids() reads them back."""
+    pieces = [b" 0", b"\n<s>\n", b"\n</s>\n"] + [b" %d" % i for i in range(3, vocab_size)]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", max(len(p) for p in pieces)))
+        for i, p in enumerate(pieces):
+            f.write(struct.pack("<fi", -float(i), len(p)) + p)
+    return path
+
+
+def parse_ids(text):
+    """Ids printed with the id tokenizer (EOS prints nothing, so it is not there)."""
+    return [int(w) for w in text.split()]
+
+
+def c_greedy(path, steps, prompt_ids=None, **kw):
+    """The C runtime's ids (runtime.py over librun.so): BOS, then generated, no EOS."""
+    build()
+    import runtime
+
+    with runtime.Model(path) as m:
+        ids = m.generate(prompt_ids, steps=steps, temperature=kw.pop("temperature", 0.0), **kw)
+    return [i for i in ids if i != 2]
+
+
+def random_model(path, version, seed=0, group_size=None, **args):
+    """A random model.py Transformer written by export.py (v0, v1 fp32 or v2 int8)."""
+    import torch
+
+    import export
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(seed)
+    m = Transformer(ModelArgs(**args))
+    with torch.no_grad():  # spread the weights, so greedy has no near-ties
+        for name, p in m.named_parameters():
+            if p.dim() == 2:
+                p.mul_(0.7 / (0.02 * p.shape[1] ** 0.5) if "tok_embeddings" not in name else 25.0)
+    m.eval()
+    if version == 0:
+        export.write_v0(m, path)
+    elif version == 1:
+        export.write_v1(m, path)
+    else:
+        export.write_v2(m, path, group_size=group_size)
+    return path
+
+
+# (id, version, group size, ModelArgs): GQA, hidden_dim not divisible by 64, int8 group sizes
+RANDOM_MODELS = [
+    ("v1_gqa", 1, None, dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, max_seq_len=128)),
+    ("v1_hidden_96", 1, None, dict(dim=48, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512, max_seq_len=96,
+                                   hidden_dim=96)),
+    ("v0_legacy", 0, None, dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, max_seq_len=64)),
+    ("v2_gqa_gs64", 2, None, dict(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=128)),
+    ("v2_hidden_96_gs32", 2, 32, dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=96,
+                                      hidden_dim=96)),
+    ("v2_gs8", 2, 8, dict(dim=40, n_layers=2, n_heads=5, n_kv_heads=5, vocab_size=300, max_seq_len=64,
+                          hidden_dim=104)),
+]

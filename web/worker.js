@@ -1,0 +1,83 @@
+// The Web Worker: owns the WebAssembly module (run_web.zig) and generates one
+// token per step() call, posting text in batches so the page stays responsive.
+let wasm = null;
+let stopRequested = false;
+const encoder = new TextEncoder();
+
+async function instance() {
+  if (!wasm) {
+    const { instance } = await WebAssembly.instantiateStreaming(fetch("llama.wasm"), {});
+    wasm = instance.exports;
+  }
+  return wasm;
+}
+
+const bytes = (ptr, len) => new Uint8Array(wasm.memory.buffer, ptr, len);
+const lastError = () => new TextDecoder().decode(bytes(wasm.errorPtr(), wasm.errorLen()).slice());
+
+// Copy an ArrayBuffer into a fresh 64-byte aligned wasm buffer.
+function copyIn(buf) {
+  const ptr = wasm.alloc(buf.byteLength);
+  if (!ptr) throw new Error(`out of memory for ${buf.byteLength} bytes`);
+  bytes(ptr, buf.byteLength).set(new Uint8Array(buf));
+  return ptr;
+}
+
+async function load({ model, tok }) {
+  await instance();
+  const mp = copyIn(model);
+  const tp = copyIn(tok);
+  const rc = wasm.load(mp, model.byteLength, tp, tok.byteLength); // takes the model buffer
+  wasm.free(tp, tok.byteLength);
+  if (rc !== 0) throw new Error(lastError());
+  const names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len", "version", "group_size"];
+  const config = Object.fromEntries(names.map((n, i) => [n, wasm.configField(i)]));
+  postMessage({ type: "loaded", config });
+}
+
+const tick = () => new Promise((r) => setTimeout(r, 0));
+
+async function generate({ prompt, steps, temperature, topp, seed }) {
+  if (!wasm) throw new Error("load a model first");
+  const text = encoder.encode(prompt);
+  const pp = wasm.alloc(text.length);
+  bytes(pp, text.length).set(text);
+  const np = wasm.start(pp, text.length, temperature, topp, seed, steps);
+  wasm.free(pp, text.length);
+  if (np < 0) throw new Error(lastError());
+  const decoder = new TextDecoder();
+  let pending = "", pendingIds = [], count = 0, start = 0, lastPost = performance.now();
+  const rate = () => (count > 1 ? (count - 1) / ((performance.now() - start) / 1000) : 0);
+  stopRequested = false;
+  for (;;) {
+    const id = wasm.step();
+    if (id === -2) throw new Error(lastError());
+    if (id === -1) break;
+    count++;
+    if (count === 1) start = performance.now(); // from the second token, as run.c
+    pending += decoder.decode(bytes(wasm.piecePtr(), wasm.pieceLen()), { stream: true });
+    pendingIds.push(id);
+    const now = performance.now();
+    if (now - lastPost > 50) { // batch the messages; let a "stop" in
+      postMessage({ type: "text", text: pending, ids: pendingIds, tokps: rate() });
+      pending = "";
+      pendingIds = [];
+      lastPost = now;
+      await tick();
+      if (stopRequested) break;
+    }
+  }
+  pending += decoder.decode();
+  postMessage({ type: "text", text: pending, ids: pendingIds, tokps: rate() });
+  postMessage({ type: "done", tokps: rate(), count });
+}
+
+onmessage = async ({ data: m }) => {
+  try {
+    if (m.type === "load") await load(m);
+    else if (m.type === "generate") await generate(m);
+    else if (m.type === "stop") stopRequested = true;
+  } catch (e) {
+    postMessage({ type: "error", message: String(e.message || e) });
+  }
+};
