@@ -79,6 +79,7 @@ clean::
 #   make runzig   ./runzig, native, same command line as ./run
 #   make wasm     run.wasm, wasm32-wasi with SIMD128 (run it with wasmtime)
 #   make web      web/llama.wasm, then serve web/ on http://127.0.0.1:$(WEB_PORT)/
+#                 (MODELS=dir also serves dir as /models/, for the page's Fetch button)
 ZIG        = $(PY) -m ziglang
 WEB_STAMP  = $(VENV)/.web-installed
 WEB_PORT  ?= 8000
@@ -99,7 +100,7 @@ web-build: web/llama.wasm
 web/llama.wasm: run_web.zig run.zig $(WEB_STAMP)
 	$(ZIG) build-exe $(ZIG_WASM) -target wasm32-freestanding -fno-entry -rdynamic run_web.zig -femit-bin=web/llama.wasm
 web: web/llama.wasm
-	$(PY) web/serve.py --port $(WEB_PORT)
+	$(PY) web/serve.py --port $(WEB_PORT) $(if $(MODELS),--models $(MODELS))
 # Debian's Chromium for tests/test_web.py (needs root and apt)
 web-deps:
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)

@@ -8,8 +8,19 @@ import subprocess
 
 import pytest
 from test_run_bad_input import FLAG_CASES, MODEL_CASES, TOKENIZER_CASES, expect_one_line_error, mutate
-from zigweb_util import (RANDOM_MODELS, ROOT, STORIES260K, TINY, build, c_greedy, make, need, parse_ids,
-                         random_model, write_id_tokenizer)
+from zigweb_util import (
+    RANDOM_MODELS,
+    ROOT,
+    STORIES260K,
+    TINY,
+    build,
+    c_greedy,
+    make,
+    need,
+    parse_ids,
+    random_model,
+    write_id_tokenizer,
+)
 
 from bench_run import write_tokenizer, write_v0, write_v1, write_v2
 

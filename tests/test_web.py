@@ -1,0 +1,106 @@
+"""The browser page (web/, `make web`) end to end in headless Chromium: pick the
+stories260K fixture and a 512-piece tokenizer with the file inputs, generate
+greedily in the Web Worker, and check the ids against the C runtime. Saves a
+screenshot of the page (docs/web.png, for the README)."""
+
+import importlib.util
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from zigweb_util import ROOT, STORIES260K, c_greedy, make, need
+
+from bench_run import write_tokenizer
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = ROOT / "docs" / "web.png"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+
+def chromium():
+    if not CHROMIUM.exists():  # try Debian's package once (needs root and apt)
+        subprocess.run(["make", "-s", "-C", str(ROOT), "web-deps"], capture_output=True, timeout=600)
+    if not CHROMIUM.exists():
+        pytest.skip("Chromium is not installed and `make web-deps` could not install it (needs root and apt-get)")
+    return str(CHROMIUM)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    make("web-build")
+    spec = importlib.util.spec_from_file_location("serve", ROOT / "web" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
+    models = tmp_path_factory.mktemp("models")
+    shutil.copy(need(STORIES260K), models / "model.bin")
+    write_tokenizer(models / "tokenizer.bin", 512)
+    server = serve.make_server(0, models, quiet=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", models
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def page(site):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = chromium()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=ARGS, headless=True)
+        pg = browser.new_page(viewport={"width": 1000, "height": 820})
+        errors = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(site[0])
+        yield pg, errors
+        browser.close()
+
+
+def generate(pg, steps, temperature=0.0, prompt=""):
+    pg.fill("#prompt", prompt)
+    pg.fill("#steps", str(steps))
+    pg.fill("#temperature", str(temperature))
+    pg.click("#generate")
+    pg.wait_for_function("document.body.dataset.done", timeout=60000)
+    assert pg.get_attribute("body", "data-done") == "1", pg.inner_text("#error")
+    return [1] + [int(i) for i in pg.eval_on_selector("#ids", "e => JSON.parse(e.value)")]
+
+
+def test_file_picker_greedy_ids_match_c(page, site):
+    pg, errors = page
+    _, models = site
+    pg.set_input_files("#modelFile", str(models / "model.bin"))
+    pg.set_input_files("#tokFile", str(models / "tokenizer.bin"))
+    pg.click("#loadFiles")
+    pg.wait_for_selector("#generate:not([disabled])", timeout=30000)
+    assert "dim 64, 5 layers, 8 heads (4 kv), vocab 512, seq_len 512" in pg.inner_text("#modelInfo")
+    ids = generate(pg, 256)
+    want = c_greedy(STORIES260K, 256)
+    assert [i for i in ids if i != 2] == want
+    assert len(pg.inner_text("#story")) > 200
+    assert "tok/s" in pg.inner_text("#stats")
+    assert not errors
+
+
+def test_fetched_from_server_seeded_and_screenshot(page):
+    pg, errors = page
+    pg.click("#loadUrls")  # default URLs: models/model.bin, models/tokenizer.bin
+    pg.wait_for_function("document.getElementById('modelInfo').textContent.startsWith('Loaded')", timeout=30000)
+    ids = generate(pg, 300, temperature=0.8, prompt="once upon a time")
+    assert len(ids) > 50
+    assert ids == generate(pg, 300, temperature=0.8, prompt="once upon a time")  # same seed, same story
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    pg.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10000
+    assert not errors
+
+
+def test_bad_model_shows_the_error(page, site):
+    pg, _ = page
+    _, models = site
+    (models / "cut.bin").write_bytes((models / "model.bin").read_bytes()[:5000])
+    pg.fill("#modelUrl", "models/cut.bin")
+    pg.click("#loadUrls")
+    pg.wait_for_selector("#error:not([hidden])", timeout=30000)
+    assert "needs" in pg.inner_text("#error")
+    pg.fill("#modelUrl", "models/model.bin")
