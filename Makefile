@@ -62,7 +62,7 @@ fuzz: fuzz_run.c run.c
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -DFUZZ_MODEL -o fuzz_model fuzz_run.c -lm
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -DFUZZ_TOKENIZER -o fuzz_tokenizer fuzz_run.c -lm
 	mkdir -p fuzz_corpus/model fuzz_corpus/tokenizer
-	$(PY) -c "from bench_run import *; c = (8, 16, 1, 2, 1, 8, 4); \
+	PYTHONPATH=scripts $(PY) -c "from bench_run import *; c = (8, 16, 1, 2, 1, 8, 4); \
 		write_v0('fuzz_corpus/model/seed_v0', c); write_v0('fuzz_corpus/model/seed_v0u', c, shared=False); \
 		write_v1('fuzz_corpus/model/seed_v1', c); write_v2('fuzz_corpus/model/seed_v2', c, gs=8); \
 		write_v2('fuzz_corpus/model/seed_v2g4', c, gs=4); write_tokenizer('fuzz_corpus/tokenizer/t', 300); \

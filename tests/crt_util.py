@@ -1,11 +1,14 @@
 """Helpers for the C runtime tests: build the targets once, paths, small shapes."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the numpy model writers (write_v0/v1/v2, write_tokenizer) live in scripts/bench_run.py
+sys.path.insert(0, str(ROOT / "scripts"))
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 LLAMA_TOK_BIN = SHARED / "llama2-tokenizer" / "tokenizer.bin"
 LLAMA_TOK_MODEL = SHARED / "llama2-tokenizer" / "tokenizer.model"

@@ -1,6 +1,6 @@
 """Benchmark the C runtime (run.c) against the memory-bandwidth bound.
 
-    python bench_run.py [--shapes 15M,42M,110M] [--threads 1,2] [--runs 5] [--steps 256]
+    python scripts/bench_run.py [--shapes 15M,42M,110M] [--threads 1,2] [--runs 5] [--steps 256]
 
 Writes random-weight model.bin files (v1 fp32 and v2 int8, straight from numpy:
 speed does not depend on the weights) into bench_cache/, builds `make runomp`,
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench_cache"
 MAGIC = 0x616B3432
 L3_BYTES = 32 << 20
