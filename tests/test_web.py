@@ -10,9 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from zigweb_util import ROOT, STORIES260K, c_greedy, make, need
-
-from bench_run import write_tokenizer
+from zigweb_util import ROOT, STORIES260K, c_greedy, make, need, write_tokenizer
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "docs" / "web.png"

@@ -20,9 +20,11 @@ from zigweb_util import (
     parse_ids,
     random_model,
     write_id_tokenizer,
+    write_tokenizer,
+    write_v0,
+    write_v1,
+    write_v2,
 )
-
-from bench_run import write_tokenizer, write_v0, write_v1, write_v2
 
 RUNZIG = ROOT / "runzig"
 
