@@ -11,23 +11,17 @@ import pytest
 import torch
 from conftest import ROOT
 
-import tinystories
 import train
 from configs import load_config
 
-TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--vocab_size=400", "--multiple_of=16",
+TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--vocab_size=512", "--multiple_of=16",
         "--max_seq_len=32", "--batch_size=4", "--gradient_accumulation_steps=2", "--learning_rate=3e-3",
         "--warmup_iters=2", "--eval_iters=2", "--log_interval=1", "--dropout=0.1"]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A small synthetic corpus, a 400-piece vocabulary and its shards."""
-    d = str(tmp_path_factory.mktemp("data"))
-    tinystories.synth(data_dir=d, n_shards=3, stories_per_shard=150, seed=1)
-    tinystories.train_vocab(400, data_dir=d)
-    tinystories.pretokenize(400, data_dir=d, workers=1)
-    return d
+def data_dir(synthetic_data):
+    return str(synthetic_data)
 
 
 def run_train(data_dir, out_dir, *overrides):
@@ -68,11 +62,11 @@ def test_checkpoint_holds_everything_to_resume(data_dir, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert {"model", "optimizer", "iter_num", "config", "model_args", "rng_states", "data_state"} <= set(ckpt)
     assert ckpt["iter_num"] == 3 and ckpt["data_state"]["batch_index"] == 3 * 2
-    assert ckpt["model_args"]["vocab_size"] == 400
+    assert ckpt["model_args"]["vocab_size"] == 512
     from model import Transformer
 
     back = Transformer.from_bin(str(tmp_path / "model.bin"))
-    x = torch.randint(0, 400, (1, 16))
+    x = torch.randint(0, 512, (1, 16))
     assert torch.allclose(back(x)[0], result["model"].eval()(x)[0], atol=1e-6)
 
 
@@ -164,14 +158,14 @@ def test_missing_shards_name_the_fix(tmp_path):
 
 
 def test_vocab_mismatch_between_config_and_shards(data_dir, tmp_path):
-    # shards of the 400-piece vocabulary, presented as 512
-    os.makedirs(os.path.join(data_dir, "tok512"), exist_ok=True)
+    # shards of the 512-piece vocabulary, presented as 1024
+    os.makedirs(os.path.join(data_dir, "tok1024"), exist_ok=True)
     for name in ("data00.bin", "data01.bin", "data02.bin", "meta.json"):
-        src, dst = os.path.join(data_dir, "tok400", name), os.path.join(data_dir, "tok512", name)
+        src, dst = os.path.join(data_dir, "tok512", name), os.path.join(data_dir, "tok1024", name)
         if not os.path.exists(dst):
             os.link(src, dst)
-    r = train_cli(*TINY, "--vocab_size=512", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=1")
-    one_line_error(r, "400", "512")
+    r = train_cli(*TINY, "--vocab_size=1024", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_iters=1")
+    one_line_error(r, "512", "1024")
 
 
 def test_unknown_config_key(tmp_path):
