@@ -2,6 +2,7 @@
 
     python export.py out/ckpt.pt out/model.bin --version 2
     python export.py stories15M.bin hf_dir --version hf --tokenizer tokenizer.model
+    python export.py stories15M.bin stories15M.gguf --version gguf --outtype q8_0 --tokenizer tokenizer.model
 
 INPUT: a training checkpoint (ckpt.pt), a Meta Llama 2 directory (params.json +
 consolidated.*.pth), a Hugging Face Llama directory (config.json + *.safetensors or
@@ -13,6 +14,9 @@ pytorch_model*.bin), or any llama2.c model.bin (v0, v1, v2). OUTPUT formats:
 - hf: a directory that transformers' LlamaForCausalLM loads; with --tokenizer also the tokenizer
   (tokenizer.model, and a tokenizer.json so transformers needs no protobuf to convert it), so
   transformers.pipeline("text-generation", model=OUTPUT) works
+- gguf: a llama.cpp GGUF file (llama architecture), --outtype f32 or q8_0; the vocabulary comes from
+  --tokenizer tokenizer.model, else a placeholder one (<unk>, <s>, </s>, byte pieces, then "<tN>"),
+  enough to run a model from ids. Needs the `gguf` package (requirements-bench.txt)
 
 The exact byte layouts are in ../shared/FORMATS.md. Checkpoints are always loaded with
 torch.load(weights_only=True): a file from the internet must not be able to run code.
@@ -383,8 +387,129 @@ def write_hf(model: Transformer, out_dir, tokenizer_model=None) -> None:
         })
 
 
+def _sentencepiece(tokenizer_model, vocab_size: int):
+    """Load a SentencePiece model and check it has the model's vocabulary size."""
+    from sentencepiece import SentencePieceProcessor
+
+    if not os.path.isfile(tokenizer_model):
+        raise ModelFileError(f"{tokenizer_model}: tokenizer model not found")
+    sp = SentencePieceProcessor()
+    try:
+        sp.Load(os.fspath(tokenizer_model))
+    except (OSError, RuntimeError) as e:
+        raise ModelFileError(f"{tokenizer_model}: not a SentencePiece model ({e})") from None
+    if sp.vocab_size() != vocab_size:
+        raise ModelFileError(f"{tokenizer_model}: tokenizer has {sp.vocab_size()} pieces but the model's "
+                             f"vocab_size is {vocab_size}")
+    return sp
+
+
+def _gguf_vocab(vocab_size: int, tokenizer_model=None) -> tuple[list[str], list[float], list[int], tuple]:
+    """(pieces, scores, token types, (bos, eos, unk)) for GGUF's "llama" (SentencePiece) tokenizer."""
+    from gguf import TokenType
+
+    if tokenizer_model is not None:
+        sp = _sentencepiece(tokenizer_model, vocab_size)
+        types = []
+        for i in range(vocab_size):
+            if sp.is_unknown(i):
+                types.append(TokenType.UNKNOWN)
+            elif sp.is_control(i):
+                types.append(TokenType.CONTROL)
+            elif sp.is_byte(i):
+                types.append(TokenType.BYTE)
+            elif sp.is_unused(i):
+                types.append(TokenType.UNUSED)
+            else:
+                types.append(TokenType.NORMAL)
+        pieces = [sp.id_to_piece(i) for i in range(vocab_size)]
+        scores = [sp.get_score(i) for i in range(vocab_size)]
+        return pieces, scores, types, (sp.bos_id(), sp.eos_id(), sp.unk_id())
+    # Placeholder: the model runs from ids; llama.cpp needs the byte pieces (it looks up "<0x0A>").
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    pieces += [f"<t{i}>" for i in range(len(pieces), vocab_size)]
+    types += [TokenType.NORMAL] * (vocab_size - len(types))
+    return pieces[:vocab_size], [-float(i) for i in range(vocab_size)], types[:vocab_size], (1, 2, 0)
+
+
+# our name -> llama.cpp's name, per layer. llama.cpp's "llama" architecture rotates adjacent
+# pairs (rope type NORM), as llama2.c and model.py do: wq and wk are written unpermuted.
+GGUF_LAYER_NAMES = {
+    "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
+    "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
+    "attention_norm": "attn_norm", "ffn_norm": "ffn_norm",
+}
+GGUF_OUTTYPES = ("f32", "q8_0")
+
+
+def write_gguf(model: Transformer, path, tokenizer_model=None, outtype: str = "f32") -> None:
+    """A GGUF file for llama.cpp: llama architecture, matrices in f32 or q8_0 (blocks of 32, fp16 scales).
+
+    Norms stay f32, as llama.cpp's converter keeps them; a matrix whose rows do not split into blocks
+    of 32 stays f32 too. A shared classifier is written once (llama.cpp reuses token_embd.weight).
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise ModelFileError("--version gguf needs the gguf package (pip install -r requirements-bench.txt)") from None
+    if outtype not in GGUF_OUTTYPES:
+        raise ValueError(f"unknown GGUF type {outtype!r}: expected one of {', '.join(GGUF_OUTTYPES)}")
+    args, tensors, shared = _export_state(model)
+    pieces, scores, types, (bos_id, eos_id, unk_id) = _gguf_vocab(args.vocab_size, tokenizer_model)
+    q8 = outtype == "q8_0"
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    w = gguf.GGUFWriter(tmp, "llama")
+    try:
+        w.add_name(Path(path).stem)
+        w.add_context_length(args.max_seq_len)
+        w.add_embedding_length(args.dim)
+        w.add_block_count(args.n_layers)
+        w.add_feed_forward_length(args.hidden_dim)
+        w.add_head_count(args.n_heads)
+        w.add_head_count_kv(args.n_kv_heads)
+        w.add_rope_dimension_count(args.head_dim)
+        w.add_rope_freq_base(10000.0)
+        w.add_layer_norm_rms_eps(args.norm_eps)
+        w.add_vocab_size(args.vocab_size)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.ALL_F32)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(pieces)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        for add, i in ((w.add_bos_token_id, bos_id), (w.add_eos_token_id, eos_id), (w.add_unk_token_id, unk_id)):
+            if i >= 0:
+                add(i)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+
+        names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
+        if not shared:
+            names["output.weight"] = "output.weight"
+        for i in range(args.n_layers):
+            for ours, theirs in GGUF_LAYER_NAMES.items():
+                names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
+        for ours, theirs in names.items():
+            t = np.ascontiguousarray(tensors[ours], dtype=np.float32)
+            if q8 and t.ndim == 2 and t.shape[1] % block == 0:
+                w.add_tensor(theirs, gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0),
+                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                w.add_tensor(theirs, t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def export(model: Transformer, path, version, **kwargs):
-    """Write `model` as version 0, 1, 2 (model.bin) or "hf" (a directory). Returns v2's max error, else None."""
+    """Write `model` as version 0, 1, 2 (model.bin), "hf" (a directory) or "gguf". Returns v2's max error, else None."""
     version = str(version)
     if version == "0":
         return write_v0(model, path)
@@ -394,7 +519,9 @@ def export(model: Transformer, path, version, **kwargs):
         return write_v2(model, path, **kwargs)
     if version == "hf":
         return write_hf(model, path, **kwargs)
-    raise ValueError(f"unknown export version {version!r}: expected 0, 1, 2 or hf")
+    if version == "gguf":
+        return write_gguf(model, path, **kwargs)
+    raise ValueError(f"unknown export version {version!r}: expected 0, 1, 2, hf or gguf")
 
 
 # -----------------------------------------------------------------------------
@@ -716,15 +843,19 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="ckpt.pt, a Meta or Hugging Face model directory, or a llama2.c model.bin")
     parser.add_argument("output", help="the model.bin to write (a directory for --version hf)")
-    parser.add_argument("--version", default="0", choices=["0", "1", "2", "hf"], help="format (default 0, as llama2.c)")
-    parser.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model to include (hf only)")
+    parser.add_argument("--version", default="0", choices=["0", "1", "2", "hf", "gguf"],
+                        help="format (default 0, as llama2.c)")
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model to include (hf, gguf)")
     parser.add_argument("--group_size", type=int, default=None, help="Q8_0 group size (v2; default: largest fit)")
+    parser.add_argument("--outtype", default=None, choices=GGUF_OUTTYPES, help="gguf only: f32 (default) or q8_0")
     args = parser.parse_args(argv)
     try:
         if _same_path(args.input, args.output):
             raise ModelFileError(f"{args.output}: output is the input; refusing to overwrite it")
-        if args.tokenizer is not None and args.version != "hf":
-            raise ModelFileError(f"{args.tokenizer}: --tokenizer only applies to --version hf")
+        if args.tokenizer is not None and args.version not in ("hf", "gguf"):
+            raise ModelFileError(f"{args.tokenizer}: --tokenizer only applies to --version hf or gguf")
+        if args.outtype is not None and args.version != "gguf":
+            raise ModelFileError("--outtype only applies to --version gguf")
         if args.group_size is not None and args.version != "2":
             raise ModelFileError("--group_size only applies to --version 2")
         t0 = time.time()
@@ -735,6 +866,8 @@ def main(argv=None) -> int:
             kwargs["group_size"] = args.group_size
         elif args.version == "hf":
             kwargs["tokenizer_model"] = args.tokenizer
+        elif args.version == "gguf":
+            kwargs.update(tokenizer_model=args.tokenizer, outtype=args.outtype or "f32")
         try:
             result = export(model, args.output, args.version, **kwargs)
         except ValueError as e:

@@ -1,0 +1,585 @@
+"""The benchmark table as a command: run.c under compilers and flag sets, llama.cpp, and the bandwidth bound.
+
+    python scripts/bench.py            # full matrix (make bench)
+    python scripts/bench.py --quick    # a few minutes: 15M only, five builds (make bench-quick)
+    python scripts/bench.py --quick --docs   # also write docs/performance.md and docs/bench.png
+
+For each build (compiler x flags: gcc, clang, `zig cc` from PyPI ziglang, native and cross) it
+compiles run.c into bench_cache/bin/, then times 256-token generations on random-weight models of
+the 15M, 42M and 110M preset shapes (fp32 = model.bin v1, int8 = v2; written by scripts/bench_run.py's
+numpy writers into bench_cache/, never committed), at 1 and 2 threads (OpenMP builds only at 2).
+Settings: temperature 1, top-p off (-p 1), -n 256, tok/s as run.c reports it (from the 2nd token).
+The same random models, exported with `export.py --version gguf` (f32, q8_0), run in llama.cpp through
+llama-cpp-python in a subprocess: 256 single-token decodes from BOS, greedy, llama.cpp's own eval
+timer (load and sampling excluded, the 1st token too). Builds and llama.cpp take turns within each
+round, so a burst of load from elsewhere hits all of them alike; the table gives the median and the
+spread (max - min) of --runs rounds.
+
+The limit: a STREAM-style read bandwidth at 1 and 2 threads (scripts/bench_run.py's kernel); the
+bound is bandwidth / bytes read per token (all weights + the mean KV cache read over the run).
+
+Writes results/bench/{bench.json, bench.md, bench.png} and results/README_perf.md (--docs: also
+docs/performance.md and docs/bench.png). The aarch64 cross build is built (size) but not timed here:
+tests/test_cross.py runs it under qemu-aarch64-static.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT))
+
+from bench_run import SHAPES, stream_bandwidth, write_tokenizer, write_v1, write_v2  # noqa: E402
+
+CACHE = ROOT / "bench_cache"
+RESULTS = ROOT / "results"
+OUT = RESULTS / "bench"
+DOCS = ROOT / "docs"
+ZIG = [sys.executable, "-m", "ziglang", "cc"]
+REF = "gcc-Ofast-native-omp"  # `make runomp`: the build the ratios and bounds use
+
+# name, compiler, flags. OpenMP builds run at 1 and 2 threads, the others at 1.
+BUILDS = [
+    ("gcc-O3", "gcc", "-O3"),
+    ("gcc-Ofast", "gcc", "-Ofast"),
+    ("gcc-O3-ffast-math", "gcc", "-O3 -ffast-math"),
+    ("gcc-O3-funsafe-math", "gcc", "-O3 -funsafe-math-optimizations"),
+    ("gcc-O3-native", "gcc", "-O3 -march=native"),
+    ("gcc-Ofast-native", "gcc", "-Ofast -march=native"),
+    ("gcc-Ofast-native-omp", "gcc", "-Ofast -march=native -fopenmp"),
+    ("clang-O3", "clang", "-O3"),
+    ("clang-Ofast-native", "clang", "-Ofast -march=native"),
+    ("clang-Ofast-native-omp", "clang", "-Ofast -march=native -fopenmp"),
+    ("zig-O3", "zig", "-O3"),
+    ("zig-O3-fast-native", "zig", "-O3 -ffast-math -march=native"),
+    ("zig-x86_64-musl-static", "zig", "-target x86_64-linux-musl -static -O3 -ffast-math"),
+    ("zig-aarch64-musl-static", "zig", "-target aarch64-linux-musl -static -O3 -ffast-math"),
+]
+QUICK_BUILDS = ["gcc-O3", "gcc-Ofast-native-omp", "clang-Ofast-native-omp", "zig-O3-fast-native",
+                "zig-x86_64-musl-static", "zig-aarch64-musl-static"]
+PRECISIONS = {"fp32": (1, "f32"), "int8": (2, "q8_0")}  # ours: model.bin version; llama.cpp: GGUF type
+
+# What each flag does, for the notes; the measured effect is appended from the run.
+FLAG_NOTES = [
+    ("-Ofast", "gcc-O3", "gcc-Ofast",
+     "-O3 plus -ffast-math: lets the compiler reorder float sums, so reductions vectorise"),
+    ("-ffast-math", "gcc-O3", "gcc-O3-ffast-math",
+     "reassociation, no NaN/Inf/signed-zero care, flush-to-zero; the part of -Ofast that matters here"),
+    ("-funsafe-math-optimizations", "gcc-O3", "gcc-O3-funsafe-math",
+     "the reassociation subset of -ffast-math (what lets a dot product use several vector accumulators)"),
+    ("-march=native", "gcc-O3", "gcc-O3-native",
+     "code for this CPU: AVX2/FMA/AVX-512 (VNNI) instead of SSE2; run.c's intrinsic kernels exist only then"),
+    ("-Ofast -march=native", "gcc-O3", "gcc-Ofast-native", "both of the above"),
+    ("-fopenmp (1 thread)", "gcc-Ofast-native", "gcc-Ofast-native-omp",
+     "OpenMP threading; at 1 thread it only adds the parallel-region overhead"),
+    ("clang vs gcc", "gcc-Ofast-native-omp", "clang-Ofast-native-omp", "same flags, clang (LLVM) instead of gcc"),
+    ("zig cc vs clang", "clang-Ofast-native", "zig-O3-fast-native",
+     "zig cc is clang (a newer LLVM) with its own libc headers; no OpenMP"),
+    ("static musl, generic x86-64", "zig-O3", "zig-x86_64-musl-static",
+     "a portable static binary: baseline x86-64 (SSE2) code, musl's libm and malloc"),
+]
+
+
+# -----------------------------------------------------------------------------
+# the machine
+
+
+def _first_line(cmd) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        return (p.stdout or p.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "not available"
+
+
+def llc_bytes() -> int:
+    """Size of the last-level cache (the highest index under cpu0's cache directory)."""
+    best = 0
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            size = (d / "size").read_text().strip()
+            level = int((d / "level").read_text())
+        except OSError:
+            continue
+        n = int(size.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(size[-1], 0)
+        if level >= 2:
+            best = n  # indices go up with level
+    return best or (32 << 20)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    caches = {}
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            kind = {"Data": "d", "Instruction": "i"}.get((d / "type").read_text().strip(), "")
+            shared = (d / "shared_cpu_list").read_text().strip()
+            level, size = (d / "level").read_text().strip(), (d / "size").read_text().strip()
+            caches[f"L{level}{kind}"] = f"{size} (cpus {shared})"
+        except OSError:
+            pass
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni") if f in flags]
+    try:
+        import llama_cpp
+        llama = f"llama-cpp-python {llama_cpp.__version__}"
+    except ImportError:
+        llama = "not installed"
+    mem = ""
+    try:
+        kb = int(next(line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")))
+        mem = f"{kb / (1 << 20):.1f} GiB"
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "caches": caches, "simd": simd, "memory": mem,
+            "kernel": platform.release(), "load_avg": os.getloadavg()[0],
+            "gcc": _first_line(["gcc", "--version"]), "clang": _first_line(["clang", "--version"]),
+            "zig": "zig " + _first_line([*ZIG[:-1], "version"]), "llama.cpp": llama,
+            "qemu-aarch64-static": _first_line(["qemu-aarch64-static", "--version"])}
+
+
+# -----------------------------------------------------------------------------
+# builds and models
+
+
+def build(name, compiler, flags) -> dict:
+    """Compile run.c (stripped: -s) into bench_cache/bin, cached by source and command. Returns a record."""
+    src = ROOT / "run.c"
+    cc = {"gcc": ["gcc"], "clang": ["clang"], "zig": ZIG}[compiler]
+    key = hashlib.sha1(src.read_bytes() + f"{compiler} {flags}".encode()).hexdigest()[:10]
+    exe = CACHE / "bin" / f"{name}-{key}"
+    cmd = [*cc, *flags.split(), "-s", "-o", str(exe), str(src), "-lm"]
+    rec = {"name": name, "compiler": compiler, "flags": flags, "path": str(exe), "openmp": "-fopenmp" in flags,
+           "native": "-target" not in flags, "cmd": " ".join(["zig cc" if cc == ZIG else cc[0], *cmd[len(cc):]])}
+    if not exe.exists():
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        rec["build_s"] = round(time.time() - t0, 1)
+        if p.returncode:
+            errors = [line for line in p.stderr.splitlines() if "error" in line] or p.stderr.splitlines()[-1:]
+            rec["error"] = errors[0].strip() if errors else f"exit {p.returncode}"
+            return rec
+    rec["size"] = exe.stat().st_size
+    return rec
+
+
+def models(shape, gguf=True) -> dict:
+    """Random-weight model files of a preset shape: our v1/v2 and the same weights as GGUF f32/q8_0."""
+    cfg = SHAPES[shape]
+    CACHE.mkdir(exist_ok=True)
+    tok = CACHE / f"tok{cfg[5]}.bin"
+    if not tok.exists():
+        write_tokenizer(tok, cfg[5])
+    files = {"tok": tok}
+    for prec, (version, _gtype) in PRECISIONS.items():
+        path = CACHE / f"{shape}_v{version}.bin"
+        if not path.exists():
+            (write_v1 if version == 1 else write_v2)(path, cfg)
+        files[prec] = path
+    v1 = files["fp32"]
+    for prec, (_version, gtype) in PRECISIONS.items() if gguf else ():
+        g = CACHE / f"{shape}_{gtype}.gguf"
+        if not g.exists() or g.stat().st_mtime < v1.stat().st_mtime:
+            import export  # torch: only when a GGUF file is missing
+
+            export.write_gguf(export.load_checkpoint(v1), g, outtype=gtype)
+        files["gguf_" + prec] = g
+    return files
+
+
+def bytes_per_token(shape, prec, steps, gguf=False) -> float:
+    """Bytes read per token: every matrix once (Q8_0: int8 + a scale per group), norms, mean KV-cache read."""
+    D, H, L, nh, nkv, V, S = SHAPES[shape]
+    kvD = nkv * (D // nh)
+    numel = L * (2 * D * D + 2 * kvD * D + 3 * H * D) + V * D
+    if prec == "fp32":
+        w = 4 * numel
+    elif gguf:
+        w = numel * 34 / 32  # llama.cpp's q8_0: 32 int8 + an fp16 scale
+    else:
+        gs = 64
+        while D % gs or H % gs:
+            gs //= 2
+        w = numel + 4 * numel / gs
+    norms = 4 * (2 * L + 1) * D
+    kv = 2 * L * kvD * 4 * (min(steps, S) / 2)  # fp32 keys and values of the positions so far, on average
+    return w + norms + kv
+
+
+# -----------------------------------------------------------------------------
+# timing
+
+
+def time_ours(exe, files, prec, threads, steps, seed) -> float | None:
+    p = subprocess.run([exe, str(files[prec]), "-z", str(files["tok"]), "-n", str(steps), "-s", str(seed),
+                        "-t", "1", "-p", "1"], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                       capture_output=True, text=True, timeout=900)
+    m = re.search(r"achieved tok/s: ([0-9.]+)", p.stderr)
+    if p.returncode or not m or float(m.group(1)) <= 0:
+        return None
+    return float(m.group(1))
+
+
+LLAMA_WORKER = r"""
+import json, sys
+import numpy as np
+import llama_cpp
+path, threads, steps, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=64, n_threads=threads, n_threads_batch=threads,
+                      verbose=False)
+tok = llm.token_bos()
+llm.eval([tok])  # the first decode is not timed (run.c times from its 2nd token too)
+llama_cpp.llama_perf_context_reset(llm.ctx)
+for _ in range(steps - 1):
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    llm.eval([tok])
+perf = llama_cpp.llama_perf_context(llm.ctx)
+print(json.dumps({"n_eval": perf.n_eval, "t_eval_ms": perf.t_eval_ms}))
+"""
+
+
+def time_llama(path, threads, steps, n_ctx) -> float | None:
+    p = subprocess.run([sys.executable, "-c", LLAMA_WORKER, str(path), str(threads), str(steps), str(n_ctx)],
+                       capture_output=True, text=True, timeout=900)
+    if p.returncode:
+        print(f"llama.cpp failed on {path}: {p.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return r["n_eval"] / (r["t_eval_ms"] / 1000) if r["t_eval_ms"] > 0 else None
+
+
+def summary(vals) -> dict | None:
+    vals = [v for v in vals if v]
+    if not vals:
+        return None
+    return {"median": statistics.median(vals), "spread": max(vals) - min(vals), "runs": [round(v, 2) for v in vals]}
+
+
+# -----------------------------------------------------------------------------
+# report
+
+
+def _fmt(s, digits=None) -> str:
+    if not s:
+        return "-"
+    m = s["median"]
+    d = digits if digits is not None else (0 if m >= 100 else 1)
+    return f"{m:.{d}f} ±{s['spread'] / 2:.{d}f}"
+
+
+def _key(shape, prec, t) -> str:
+    return f"{shape}/{prec}/{t}t"
+
+
+def ratios(res) -> list[dict]:
+    """Per shape, precision, threads: our reference build vs llama.cpp and vs the bound."""
+    rows = []
+    for shape in res["shapes"]:
+        for prec in res["precisions"]:
+            for t in res["threads"]:
+                k = _key(shape, prec, t)
+                ours = res["ours"].get(REF, {}).get(k)
+                peer = res["llama"].get(k)
+                bpt = bytes_per_token(shape, prec, res["steps"])
+                bound = res["bandwidth"][str(t)] * 1e9 / bpt
+                pbound = res["bandwidth"][str(t)] * 1e9 / bytes_per_token(shape, prec, res["steps"], gguf=True)
+                rows.append({
+                    "shape": shape, "prec": prec, "threads": t, "ours": ours and ours["median"],
+                    "llama": peer and peer["median"], "ratio": ours and peer and ours["median"] / peer["median"],
+                    "mb_per_token": bpt / 1e6, "bound": bound, "frac": ours and ours["median"] / bound,
+                    "llama_frac": peer and peer["median"] / pbound, "in_llc": bpt < res["llc_bytes"],
+                })
+    return rows
+
+
+def goals(rows) -> list[tuple[str, bool | None, str]]:
+    """The issue's performance goals at 2 threads: (goal, met or None when not measured, measured value)."""
+    at = {(r["shape"], r["prec"]): r for r in rows if r["threads"] == 2}
+    out = []
+
+    def check(label, shape, prec, field, target):
+        r = at.get((shape, prec))
+        v = r and r[field]
+        out.append((label, None if v is None else v >= target, "-" if v is None else f"{v:.2f}"))
+
+    for shape in ("15M", "42M", "110M"):
+        check(f"{shape} fp32 >= llama.cpp f32 (ratio >= 1)", shape, "fp32", "ratio", 1.0)
+    for shape in ("15M", "42M"):
+        check(f"{shape} int8 >= 2x llama.cpp q8_0", shape, "int8", "ratio", 2.0)
+    check("110M int8 >= 80% of the int8 bound", "110M", "int8", "frac", 0.8)
+    for shape in ("42M", "110M"):
+        check(f"{shape} fp32 >= 95% of the fp32 bound", shape, "fp32", "frac", 0.95)
+    return out
+
+
+def speedup(res, base, new, threads=1) -> tuple[float, float, float] | None:
+    """Geometric mean, min and max of new/base tok/s over every shape and precision measured at `threads`."""
+    a, b = res["ours"].get(base, {}), res["ours"].get(new, {})
+    r = [b[k]["median"] / a[k]["median"] for k in a if k in b and a[k] and b[k] and k.endswith(f"/{threads}t")]
+    if not r:
+        return None
+    g = 1.0
+    for x in r:
+        g *= x
+    return g ** (1 / len(r)), min(r), max(r)
+
+
+def markdown(res, chart_name="bench.png") -> str:
+    m = res["machine"]
+    rows = ratios(res)
+    cols = [_key(s, p, t) for s in res["shapes"] for p in res["precisions"] for t in res["threads"]]
+    L = ["## Performance", "",
+         f"Generated by `{res['command']}` on {res['date']} ({'quick subset' if res['quick'] else 'full matrix'}; "
+         f"{res['runs']} rounds, {res['steps']} tokens, temperature 1, top-p off). Random-weight models of the "
+         "preset shapes; speed does not depend on the weights.", "",
+         f"![tok/s by build, llama.cpp and the bandwidth bound]({chart_name})", "",
+         "### Machine", "",
+         f"- CPU: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM; SIMD: {' '.join(m['simd'])}",
+         f"- caches: {', '.join(f'{k} {v}' for k, v in m['caches'].items())}",
+         f"- compilers: {m['gcc']}; {m['clang']}; {m['zig']}",
+         f"- peer: {m['llama.cpp']} (llama.cpp built from source, GGML_NATIVE=ON)",
+         "- read bandwidth (STREAM-style sum over 1 GiB): "
+         + ", ".join(f"{t} thread{'s' * (int(t) > 1)} {bw:.1f} GB/s" for t, bw in res["bandwidth"].items()),
+         f"- load average when the run started: {m['load_avg']:.1f} (a shared machine: see the spreads)", "",
+         "### Our runtime vs llama.cpp and the bound", "",
+         f"Ours: the `{REF}` build (`make runomp`). llama.cpp: the same weights as GGUF (f32 / q8_0), "
+         "eval time of 255 single-token decodes (load, sampling and the first token excluded). "
+         "Bound: read bandwidth at that thread count / bytes read per token.", "",
+         "| shape | precision | threads | MB read/token | ours tok/s | llama.cpp tok/s | ours ÷ llama.cpp | "
+         "bound tok/s | ours ÷ bound | llama.cpp ÷ bound |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    def num(v, fmt):
+        return "-" if not v else format(v, fmt)
+
+    for r in rows:
+        note = " (fits in LLC)" if r["in_llc"] else ""
+        L.append(f"| {r['shape']} | {r['prec']} | {r['threads']} | {r['mb_per_token']:.1f}{note} | "
+                 f"{num(r['ours'], '.1f')} | {num(r['llama'], '.1f')} | {num(r['ratio'], '.2f')} | "
+                 f"{r['bound']:.1f} | {num(r['frac'], '.2f')} | {num(r['llama_frac'], '.2f')} |")
+    L += ["", "Weights that fit in the last-level cache can run above the DRAM bound: there the bound is "
+          "a reference, not a limit.", "", "### Goals (2 threads)", "", "| goal | measured | met |", "|---|---:|---|"]
+    for label, ok, v in goals(rows):
+        L.append(f"| {label} | {v} | {'-' if ok is None else 'yes' if ok else '**no**'} |")
+    L += ["", "### Every build", "",
+          "tok/s, median ± half the spread (max - min) of the rounds; OpenMP builds also at 2 threads. "
+          "Size: the stripped binary (`-s`).", "",
+          "| build | flags | size KB | " + " | ".join(cols) + " |", "|---|---|---:|" + "---:|" * len(cols)]
+    for b in res["builds"]:
+        if "error" in b:
+            L.append(f"| {b['name']} | `{b['flags']}` | - | build failed: {b['error'][:120]} |")
+            continue
+        cells = [_fmt(res["ours"].get(b["name"], {}).get(c)) for c in cols]
+        if not b["native"] and "aarch64" in b["flags"]:
+            cells = ["not timed (runs under qemu in tests/test_cross.py)"] + [""] * (len(cols) - 1)
+        L.append(f"| {b['name']} | `{b['flags']}` | {b['size'] / 1024:.0f} | " + " | ".join(cells) + " |")
+    L.append("| llama.cpp | GGUF f32 / q8_0 | - | " + " | ".join(_fmt(res["llama"].get(c)) for c in cols) + " |")
+    L += ["", "### What the flags do here (measured, 1 thread, geometric mean over the shapes and precisions)", ""]
+    for label, base, new, what in FLAG_NOTES:
+        s = speedup(res, base, new)
+        if s is None:
+            continue
+        g, lo, hi = s
+        verdict = ("no measurable effect" if abs(g - 1) < 0.05 else "faster" if g > 1 else "slower")
+        L.append(f"- **{label}** ({what}): {verdict}, ×{g:.2f} (×{lo:.2f} to ×{hi:.2f}) `{base}` → `{new}`.")
+    omp = [(r["shape"], r["prec"]) for r in rows]
+    two = [res["ours"][REF][_key(sh, p, 2)]["median"] / res["ours"][REF][_key(sh, p, 1)]["median"]
+           for sh, p in dict.fromkeys(omp) if res["ours"].get(REF, {}).get(_key(sh, p, 2))
+           and res["ours"][REF].get(_key(sh, p, 1))]
+    if two:
+        L.append(f"- **2 threads vs 1** (`{REF}`): ×{min(two):.2f} to ×{max(two):.2f}; read bandwidth "
+                 f"×{res['bandwidth'].get('2', 0) / max(res['bandwidth'].get('1', 1), 1e-9):.2f}.")
+    L += ["", "Reproduce: `make bench` (full) or `make bench-quick`. They install clang, libomp-dev and "
+          "qemu-user-static with apt when missing, and llama-cpp-python, gguf, matplotlib and ziglang "
+          "(requirements-bench.txt) into .venv on first use; llama-cpp-python compiles llama.cpp from source "
+          f"(about {res.get('llama_build_min', '?')} minutes on this machine). Results go to results/bench/."]
+    return "\n".join(L) + "\n"
+
+
+def chart(res, path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install -r requirements-bench.txt): no chart", file=sys.stderr)
+        return False
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = ratios(res)
+    timed = [b["name"] for b in res["builds"] if "error" not in b and b["native"] or "x86_64" in b["flags"]]
+    timed = [n for n in timed if n in res["ours"]]
+    fig, axes = plt.subplots(1, len(res["threads"]), figsize=(6 * len(res["threads"]), 4.2), squeeze=False)
+    groups = [(s, p) for s in res["shapes"] for p in res["precisions"]]
+    for ax, t in zip(axes[0], res["threads"], strict=True):
+        names = [n for n in timed if res["ours"][n].get(_key(*groups[0], t))] + ["llama.cpp"]
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            src = res["llama"] if n == "llama.cpp" else res["ours"][n]
+            ys = [(src.get(_key(s, p, t)) or {}).get("median", 0) for s, p in groups]
+            ax.bar([g + (i - len(names) / 2 + 0.5) * width for g in range(len(groups))], ys, width, label=n,
+                   color="black" if n == "llama.cpp" else None)
+        bounds = [next(r["bound"] for r in rows if (r["shape"], r["prec"], r["threads"]) == (s, p, t))
+                  for s, p in groups]
+        ax.scatter(range(len(groups)), bounds, marker="_", s=900, color="red", label="bandwidth bound", zorder=3)
+        ax.set_xticks(range(len(groups)), [f"{s}\n{p}" for s, p in groups])
+        ax.set_yscale("log")
+        ax.set_title(f"{t} thread{'s' * (t > 1)}")
+        ax.set_ylabel("tok/s (log)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"run.c builds vs llama.cpp, {res['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="15M only, five builds (a few minutes)")
+    ap.add_argument("--shapes", default=None, help="comma list of 15M,42M,110M (default: all; --quick: 15M)")
+    ap.add_argument("--builds", default=None, help="comma list of build names (default: all; --quick: a subset)")
+    ap.add_argument("--precisions", default="fp32,int8")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--runs", type=int, default=3, help="rounds; the table has their median and spread")
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--docs", action="store_true", help="also write docs/performance.md and docs/bench.png")
+    ap.add_argument("--list", action="store_true", help="print the builds and exit")
+    args = ap.parse_args(argv)
+    from tqdm import tqdm
+
+    if args.list:
+        for name, cc, flags in BUILDS:
+            print(f"{name:26} {cc:6} {flags}")
+        return 0
+    shapes = (args.shapes or ("15M" if args.quick else "15M,42M,110M")).split(",")
+    wanted = args.builds.split(",") if args.builds else (QUICK_BUILDS if args.quick else [b[0] for b in BUILDS])
+    unknown = set(wanted) - {b[0] for b in BUILDS} | set(shapes) - set(SHAPES)
+    if unknown:
+        ap.error(f"unknown build or shape: {', '.join(sorted(unknown))} (see --list)")
+    if REF not in wanted:
+        wanted.append(REF)
+    precisions = args.precisions.split(",")
+    threads = [int(t) for t in args.threads.split(",")]
+    llama = not args.no_llama
+    if llama:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama-cpp-python is not installed (pip install -r requirements-bench.txt): "
+                  "llama.cpp is left out", file=sys.stderr)
+            llama = False
+
+    m = machine()
+    print(f"CPU: {m['cpu']}, {m['cores']} cores, SIMD {' '.join(m['simd'])}; load average {m['load_avg']:.1f}")
+    print("caches: " + ", ".join(f"{k} {v}" for k, v in m["caches"].items()))
+    for k in ("gcc", "clang", "zig", "llama.cpp", "qemu-aarch64-static"):
+        print(f"{k}: {m[k]}")
+
+    builds = []
+    for name, cc, flags in tqdm([b for b in BUILDS if b[0] in wanted], desc="build", unit="build"):
+        rec = build(name, cc, flags)
+        if "error" in rec:
+            tqdm.write(f"{name}: build failed: {rec['error']}")
+        builds.append(rec)
+    files = {}
+    for shape in tqdm(shapes, desc="models", unit="shape"):
+        files[shape] = models(shape, gguf=llama)
+    bandwidth = {}
+    for t in threads:
+        bandwidth[str(t)] = stream_bandwidth(t)
+    print("read bandwidth: " + ", ".join(f"{t} thread(s) {bw:.1f} GB/s" for t, bw in bandwidth.items()))
+
+    timed = [b for b in builds if "error" not in b and (b["native"] or "x86_64" in b["flags"])]
+    jobs = []  # (shape, prec, threads, [builds]); each round runs them all, then llama.cpp
+    for shape in shapes:
+        for prec in precisions:
+            for t in threads:
+                bs = [b for b in timed if t == 1 or b["openmp"]]
+                jobs.append((shape, prec, t, bs))
+    total = sum(args.runs * (len(bs) + llama) for *_, bs in jobs)
+    raw_ours, raw_llama = {}, {}
+    with tqdm(total=total, desc="timing", unit="run") as bar:
+        for shape, prec, t, bs in jobs:
+            k = _key(shape, prec, t)
+            for r in range(args.runs):
+                for b in bs:
+                    bar.set_postfix_str(f"{k} {b['name']}")
+                    v = time_ours(b["path"], files[shape], prec, t, args.steps, seed=r + 1)
+                    raw_ours.setdefault(b["name"], {}).setdefault(k, []).append(v)
+                    bar.update()
+                if llama:
+                    bar.set_postfix_str(f"{k} llama.cpp")
+                    v = time_llama(files[shape]["gguf_" + prec], t, args.steps, SHAPES[shape][6])
+                    raw_llama.setdefault(k, []).append(v)
+                    bar.update()
+            ref = summary(raw_ours.get(REF, {}).get(k, []))
+            peer = summary(raw_llama.get(k, []))
+            tqdm.write(f"{k:16} ours {_fmt(ref):>14} tok/s   llama.cpp {_fmt(peer):>14} tok/s"
+                       + (f"   ratio {ref['median'] / peer['median']:.2f}" if ref and peer else ""))
+
+    res = {"command": "python scripts/bench.py" + (" --quick" if args.quick else "")
+           + (f" --shapes {args.shapes}" if args.shapes else "") + (f" --builds {args.builds}" if args.builds else ""),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "runs": args.runs, "steps": args.steps,
+           "shapes": shapes, "precisions": precisions, "threads": threads, "machine": m, "llc_bytes": llc_bytes(),
+           "bandwidth": bandwidth, "builds": builds,
+           "ours": {n: {k: summary(v) for k, v in d.items()} for n, d in raw_ours.items()},
+           "llama": {k: summary(v) for k, v in raw_llama.items()}}
+    stamp = ROOT / ".venv" / ".bench-llama-build-s"
+    if stamp.exists():
+        res["llama_build_min"] = round(float(stamp.read_text()) / 60)
+    res["ratios"] = ratios(res)
+    res["goals"] = goals(res["ratios"])
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "bench.json").write_text(json.dumps(res, indent=1) + "\n")
+    md = markdown(res)
+    (OUT / "bench.md").write_text(md)
+    (RESULTS / "README_perf.md").write_text(md)
+    charted = chart(res, OUT / "bench.png")
+    if args.docs:
+        DOCS.mkdir(exist_ok=True)
+        (DOCS / "performance.md").write_text(md)
+        if charted:
+            shutil.copyfile(OUT / "bench.png", DOCS / "bench.png")
+
+    print()
+    print(f"{'shape':5} {'prec':4} {'thr':>3} {'ours':>8} {'llama':>8} {'ratio':>6} {'bound':>8} {'frac':>5}")
+    for r in res["ratios"]:
+        print(f"{r['shape']:5} {r['prec']:4} {r['threads']:3d} {r['ours'] or 0:8.1f} {r['llama'] or 0:8.1f} "
+              f"{r['ratio'] or 0:6.2f} {r['bound']:8.1f} {r['frac'] or 0:5.2f}"
+              + ("  (weights fit in the LLC: above DRAM's bound is possible)" if r["in_llc"] else ""))
+    for label, ok, v in res["goals"]:
+        print(f"goal: {label}: {v} {'-' if ok is None else 'met' if ok else 'NOT met'}")
+    print(f"wrote {OUT / 'bench.json'}, {OUT / 'bench.md'}, {OUT / 'bench.png'}, {RESULTS / 'README_perf.md'}"
+          + (f", {DOCS / 'performance.md'}, {DOCS / 'bench.png'}" if args.docs else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
