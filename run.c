@@ -28,6 +28,7 @@
 #else
 static int omp_get_thread_num(void) { return 0; }
 static int omp_get_num_threads(void) { return 1; }
+static int omp_get_max_threads(void) { return 1; }
 #endif
 
 #if defined(__AVX512F__)
@@ -92,16 +93,25 @@ typedef struct {
     Mat *wq, *wk, *wv, *wo, *w1, *w2, *w3; /* n_layers each, one allocation */
 } Weights;
 
+/* Each thread's own copy of a matmul input: every thread normalises and
+ * quantizes the whole (short) vector itself, which costs less than the
+ * barrier that handing it over from one thread would need. */
 typedef struct {
-    float *x, *xb, *xb2;      /* D: residual stream, normed input / attention out, branch out */
+    float *xn;                /* D: rmsnorm output */
+    int8_t *xq;               /* quantized matmul input (int8 models), max(D,H) */
+    float *xs;                /* its group scales */
+} Scratch;
+
+typedef struct {
+    float *x, *xb, *xb2;      /* D: residual stream, attention out, branch out */
     float *hb, *hb2;          /* H: feed-forward */
     float *q;                 /* D: query */
     float *att;               /* n_heads × S: attention scores */
     float *logits;            /* V */
     float *key_cache;         /* L × S × kvD */
     float *value_cache;       /* L × S × kvD */
-    int8_t *xq;               /* quantized matmul input (int8 models), max(D,H) */
-    float *xs;                /* its group scales */
+    Scratch *th;              /* one per thread (n_th) */
+    int n_th;
     float *rope_cos, *rope_sin; /* S × hs/2, computed once at load */
 } RunState;
 
@@ -120,7 +130,8 @@ static void free_state(Transformer *t) {
     RunState *s = &t->s;
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q);
     free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
-    free(s->xq); free(s->xs); free(s->rope_cos); free(s->rope_sin);
+    for (int i = 0; s->th && i < s->n_th; i++) { free(s->th[i].xn); free(s->th[i].xq); free(s->th[i].xs); }
+    free(s->th); free(s->rope_cos); free(s->rope_sin);
     free(t->w.wq);
     memset(s, 0, sizeof *s);
     t->w.wq = NULL;
@@ -338,10 +349,17 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
     s->hb = calloc(H, 4); s->hb2 = calloc(H, 4); s->q = calloc(D, 4);
     s->att = calloc((size_t)c->n_heads * S, 4); s->logits = calloc(V, 4);
     s->key_cache = calloc((size_t)L * S * kvD, 4); s->value_cache = calloc((size_t)L * S * kvD, 4);
-    s->xq = calloc(maxDH + 64, 1); s->xs = calloc(maxDH + 64, 4);
     s->rope_cos = calloc((size_t)S * hs / 2, 4); s->rope_sin = calloc((size_t)S * hs / 2, 4);
+    s->n_th = omp_get_max_threads();
+    s->th = calloc(s->n_th, sizeof(Scratch));
+    int th_ok = s->th != NULL;
+    for (int i = 0; th_ok && i < s->n_th; i++) {
+        Scratch *sc = &s->th[i];
+        sc->xn = calloc(D, 4); sc->xq = calloc(maxDH + 64, 1); sc->xs = calloc(maxDH + 64, 4);
+        th_ok = sc->xn && sc->xq && sc->xs;
+    }
     if (!s->x || !s->xb || !s->xb2 || !s->hb || !s->hb2 || !s->q || !s->att || !s->logits ||
-        !s->key_cache || !s->value_cache || !s->xq || !s->xs || !s->rope_cos || !s->rope_sin) {
+        !s->key_cache || !s->value_cache || !th_ok || !s->rope_cos || !s->rope_sin) {
         free_state(t);
         set_err("%s: out of memory for the run state", name);
         return -1;
@@ -565,73 +583,66 @@ static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Mat *
     }
 }
 
-/* Rows [r0, r1) of out = W in; int8 matrices read the shared quantized input. */
-static void matmul(Transformer *t, float *out, const Mat *m, const float *in, int n, int r0, int r1) {
-    if (m->q) matmul_q8(out, t->s.xq, t->s.xs, m, n, t->gs, r0, r1);
+/* Rows [r0, r1) of out = W in; int8 matrices read this thread's quantized copy of in. */
+static void matmul(const Scratch *sc, int gs, float *out, const Mat *m, const float *in, int n, int r0, int r1) {
+    if (m->q) matmul_q8(out, sc->xq, sc->xs, m, n, gs, r0, r1);
     else matmul_f32(out, in, m->f, n, r0, r1);
 }
 
-/* This thread's share of n rows: contiguous, boundaries on multiples of 4 so
+/* This thread's share [*a, *b) of n items in blocks of `blk`: contiguous, so
  * four-row kernels and RoPE pairs never straddle threads. */
-static void split(int n, int *a, int *b) {
+static void split(int n, int blk, int *a, int *b) {
     int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    long blocks = (n + 3) / 4;
-    long lo = 4 * (blocks * tid / nth), hi = 4 * (blocks * (tid + 1) / nth);
+    long blocks = (n + blk - 1) / blk;
+    long lo = blk * (blocks * tid / nth), hi = blk * (blocks * (tid + 1) / nth);
     *a = (int)(lo < n ? lo : n);
     *b = (int)(hi < n ? hi : n);
 }
 
+/* rmsnorm x into this thread's copy, and quantize it for int8 matmuls. */
+static const float *norm_input(Scratch *sc, const float *x, const float *w, int D, int gs) {
+    rmsnorm(sc->xn, x, w, D);
+    if (gs) quantize(sc->xq, sc->xs, sc->xn, D, gs);
+    return sc->xn;
+}
+
+static void rope(float *v, int a, int b, int hs, const float *cosr, const float *sinr) {
+    for (int i = a; i < b; i += 2) {
+        float c0 = cosr[(i % hs) / 2], s0 = sinr[(i % hs) / 2], x0 = v[i], x1 = v[i + 1];
+        v[i] = x0 * c0 - x1 * s0;
+        v[i + 1] = x0 * s0 + x1 * c0;
+    }
+}
+
 /* The forward pass body, run by every thread of one team: one fork/join per
- * token instead of one per matmul. Serial steps are `omp single`. */
-static void forward_team(Transformer *t, int token, int pos) {
+ * token and four barriers per layer. A thread owns whole key/value heads
+ * from q/k/v through attention, so attention needs no barrier before it;
+ * every thread normalises/quantizes each matmul input itself (Scratch). */
+static void forward_team(Transformer *t, int pos) {
     const Config *c = &t->c;
     const Weights *w = &t->w;
     RunState *s = &t->s;
+    Scratch *sc = &s->th[omp_get_thread_num()];
     const int D = c->dim, H = c->hidden_dim, S = c->seq_len, gs = t->gs;
     const int hs = D / c->n_heads, kvD = c->n_kv_heads * hs, kvmul = c->n_heads / c->n_kv_heads;
     const float *cosr = s->rope_cos + (size_t)pos * (hs / 2), *sinr = s->rope_sin + (size_t)pos * (hs / 2);
-    int a, b;
+    const float scale = 1.0f / sqrtf((float)hs);
+    int a, b, k0, k1;
+    split(c->n_kv_heads, 1, &k0, &k1); /* my key/value heads, and their query heads */
+    const int q0 = k0 * kvmul * hs, q1 = k1 * kvmul * hs;
 
-#pragma omp single
-    {
-        if (w->emb.q) { /* dequantise only the one embedding row we need */
-            const int8_t *q = w->emb.q + (size_t)token * D;
-            const float *sc = w->emb.s + (size_t)token * D / gs;
-            for (int i = 0; i < D; i++) s->x[i] = q[i] * sc[i / gs];
-        } else {
-            memcpy(s->x, w->emb.f + (size_t)token * D, D * sizeof(float));
-        }
-    }
     for (int l = 0; l < c->n_layers; l++) {
-#pragma omp single
-        {
-            rmsnorm(s->xb, s->x, w->rms_att + (size_t)l * D, D);
-            if (gs) quantize(s->xq, s->xs, s->xb, D, gs);
-        }
-        /* q, k, v; k and v go straight into this position's cache row */
+        const float *in = norm_input(sc, s->x, w->rms_att + (size_t)l * D, D, gs);
+        /* q, k, v of my heads; k and v go straight into this position's cache row */
         size_t loff = (size_t)l * S * kvD;
         float *kc = s->key_cache + loff + (size_t)pos * kvD, *vc = s->value_cache + loff + (size_t)pos * kvD;
-        split(D, &a, &b);
-        matmul(t, s->q, &w->wq[l], s->xb, D, a, b);
-        for (int i = a; i < b; i += 2) { /* RoPE on this thread's own rows */
-            float c0 = cosr[(i % hs) / 2], s0 = sinr[(i % hs) / 2], x0 = s->q[i], x1 = s->q[i + 1];
-            s->q[i] = x0 * c0 - x1 * s0;
-            s->q[i + 1] = x0 * s0 + x1 * c0;
-        }
-        split(kvD, &a, &b);
-        matmul(t, kc, &w->wk[l], s->xb, D, a, b);
-        matmul(t, vc, &w->wv[l], s->xb, D, a, b);
-        for (int i = a; i < b; i += 2) {
-            float c0 = cosr[(i % hs) / 2], s0 = sinr[(i % hs) / 2], x0 = kc[i], x1 = kc[i + 1];
-            kc[i] = x0 * c0 - x1 * s0;
-            kc[i + 1] = x0 * s0 + x1 * c0;
-        }
-#pragma omp barrier
-        /* attention, heads split over threads; output into xb */
-        int h0 = (int)((long)c->n_heads * omp_get_thread_num() / omp_get_num_threads());
-        int h1 = (int)((long)c->n_heads * (omp_get_thread_num() + 1) / omp_get_num_threads());
-        const float scale = 1.0f / sqrtf((float)hs);
-        for (int h = h0; h < h1; h++) {
+        matmul(sc, gs, s->q, &w->wq[l], in, D, q0, q1);
+        matmul(sc, gs, kc, &w->wk[l], in, D, k0 * hs, k1 * hs);
+        matmul(sc, gs, vc, &w->wv[l], in, D, k0 * hs, k1 * hs);
+        rope(s->q, q0, q1, hs, cosr, sinr);
+        rope(kc, k0 * hs, k1 * hs, hs, cosr, sinr);
+        /* attention of my heads; output into xb */
+        for (int h = q0 / hs; h < q1 / hs; h++) {
             const float *qh = s->q + (size_t)h * hs;
             float *att = s->att + (size_t)h * S;
             const size_t koff = loff + (size_t)(h / kvmul) * hs;
@@ -651,45 +662,32 @@ static void forward_team(Transformer *t, int token, int pos) {
             }
         }
 #pragma omp barrier
-        if (gs) {
-#pragma omp single
-            quantize(s->xq, s->xs, s->xb, D, gs);
-        }
-        split(D, &a, &b);
-        matmul(t, s->xb2, &w->wo[l], s->xb, D, a, b);
+        /* output projection; my rows of the residual */
+        if (gs) quantize(sc->xq, sc->xs, s->xb, D, gs);
+        split(D, 4, &a, &b);
+        matmul(sc, gs, s->xb2, &w->wo[l], s->xb, D, a, b);
+        for (int i = a; i < b; i++) s->x[i] += s->xb2[i];
 #pragma omp barrier
-#pragma omp single
-        {
-            for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
-            rmsnorm(s->xb, s->x, w->rms_ffn + (size_t)l * D, D);
-            if (gs) quantize(s->xq, s->xs, s->xb, D, gs);
-        }
         /* SwiGLU: silu(w1 x) * (w3 x), fused per thread on its own rows */
-        split(H, &a, &b);
-        matmul(t, s->hb, &w->w1[l], s->xb, D, a, b);
-        matmul(t, s->hb2, &w->w3[l], s->xb, D, a, b);
+        in = norm_input(sc, s->x, w->rms_ffn + (size_t)l * D, D, gs);
+        split(H, 4, &a, &b);
+        matmul(sc, gs, s->hb, &w->w1[l], in, D, a, b);
+        matmul(sc, gs, s->hb2, &w->w3[l], in, D, a, b);
         for (int i = a; i < b; i++) {
             float v = s->hb[i];
             s->hb[i] = v / (1.0f + expf(-v)) * s->hb2[i];
         }
 #pragma omp barrier
-        if (gs) {
-#pragma omp single
-            quantize(s->xq, s->xs, s->hb, H, gs);
-        }
-        split(D, &a, &b);
-        matmul(t, s->xb2, &w->w2[l], s->hb, H, a, b);
+        if (gs) quantize(sc->xq, sc->xs, s->hb, H, gs);
+        split(D, 4, &a, &b);
+        matmul(sc, gs, s->xb2, &w->w2[l], s->hb, H, a, b);
+        for (int i = a; i < b; i++) s->x[i] += s->xb2[i];
 #pragma omp barrier
-#pragma omp single
-        for (int i = 0; i < D; i++) s->x[i] += s->xb2[i];
     }
-#pragma omp single
-    {
-        rmsnorm(s->x, s->x, w->rms_final, D);
-        if (gs) quantize(s->xq, s->xs, s->x, D, gs);
-    }
-    split(c->vocab_size, &a, &b);
-    matmul(t, s->logits, &w->cls, s->x, D, a, b);
+    /* the final norm goes into my copy (x itself is left as the residual) */
+    const float *in = norm_input(sc, s->x, w->rms_final, D, gs);
+    split(c->vocab_size, 4, &a, &b);
+    matmul(sc, gs, s->logits, &w->cls, in, D, a, b);
 }
 
 /* Logits for `token` at position `pos`; positions before pos must already
@@ -703,8 +701,19 @@ static float *forward(Transformer *t, int token, int pos) {
         set_err("position %d out of range 0..%d", pos, t->c.seq_len - 1);
         return NULL;
     }
-#pragma omp parallel
-    forward_team(t, token, pos);
+    const Config *c = &t->c;
+    const Mat *emb = &t->w.emb;
+    float *x = t->s.x;
+    if (emb->q) { /* dequantise only the one embedding row we need */
+        const int8_t *q = emb->q + (size_t)token * c->dim;
+        const float *sc = emb->s + (size_t)token * c->dim / t->gs;
+        for (int i = 0; i < c->dim; i++) x[i] = q[i] * sc[i / t->gs];
+    } else {
+        memcpy(x, emb->f + (size_t)token * c->dim, c->dim * sizeof(float));
+    }
+    /* at most n_th threads: one Scratch each */
+#pragma omp parallel num_threads(omp_get_max_threads() < t->s.n_th ? omp_get_max_threads() : t->s.n_th)
+    forward_team(t, pos);
     return t->s.logits;
 }
 
