@@ -1,6 +1,7 @@
 """Benchmark the C runtime (run.c) against the memory-bandwidth bound.
 
     python scripts/bench_run.py [--shapes 15M,42M,110M] [--threads 1,2] [--runs 5] [--steps 256]
+                                [--quick] [--markdown] [--against OLD_RUN_C]
 
 Writes random-weight model.bin files (v1 fp32 and v2 int8, straight from numpy:
 speed does not depend on the weights) into bench_cache/, builds `make runomp`,
@@ -8,6 +9,13 @@ times 256-token generations (median of --runs, parsing "achieved tok/s"), measur
 a STREAM-style read bandwidth with a small C kernel at the same thread counts, and
 prints bound = bandwidth / bytes of weights read per token, and tok/s as a fraction
 of that bound. Top-p overhead is measured as -p 0.9 vs -p 1 (off).
+
+On a shared machine end-to-end runs are noisy, so a per-token timer (TIMER_C, which
+includes run.c) also runs each position --runs times with the same tokens and keeps
+each position's fastest forward and sampler times (preemption only ever adds time):
+"min tok/s" and the sampler's cost with and without top-p come from it, measured
+directly. --against OLD_RUN_C builds that file's timer too and alternates the two,
+run by run, printing new/old ratios (e.g. `git show HEAD~1:run.c > /tmp/old.c`).
 
 The numpy writers here (write_v1 / write_v2 / write_tokenizer) are also used by the
 C runtime's tests, so they have no dependency on export.py.
@@ -30,7 +38,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench_cache"
 MAGIC = 0x616B3432
-L3_BYTES = 32 << 20
+
+def _l3_bytes():
+    try:
+        v = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+        if v > 0:
+            return v
+    except (ValueError, OSError):
+        pass
+    return 32 << 20
+
+
+L3_BYTES = _l3_bytes()
 
 SHAPES = {  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
     "15M": (288, 768, 6, 6, 6, 32000, 256),
@@ -195,12 +214,71 @@ def stream_bandwidth(threads):
     return float(out.split()[0])
 
 
-def tok_per_s(model, tok, threads, runs, steps, topp):
+TIMER_C = r"""
+#define RUN_LIBRARY
+#include RUNC
+/* argv: model steps reps topp. Prints: tok/s of forward + top-p sampling and of
+ * the forward alone (sum over positions 1.. of each position's fastest time), and
+ * the sampler's mean microseconds with top-p off and on, on the same logits. */
+int main(int argc, char **argv) {
+    if (argc < 5) return 2;
+    int steps = atoi(argv[2]), reps = atoi(argv[3]);
+    Transformer *t = open_model(argv[1]);
+    if (!t) { fprintf(stderr, "%s\n", err_msg); return 1; }
+    int V = t->c.vocab_size;
+    double *fw = malloc(steps * sizeof(double)), *so = malloc(steps * sizeof(double));
+    double *sn = malloc(steps * sizeof(double));
+    float *b1 = malloc(V * 4), *b2 = malloc(V * 4), *tmp = malloc(V * 4);
+    for (int i = 0; i < steps; i++) fw[i] = so[i] = sn[i] = 1e30;
+    for (int r = 0; r < reps; r++) {
+        Sampler off = {V, 1.0f, 1.0f, seed_state(1), tmp}, on = {V, 1.0f, (float)atof(argv[4]), seed_state(1), tmp};
+        int token = BOS;
+        for (int pos = 0; pos < steps; pos++) {
+            double t0 = now_s();
+            float *lg = forward(t, token, pos);
+            double t1 = now_s();
+            memcpy(b1, lg, V * 4); memcpy(b2, lg, V * 4);
+            double t2 = now_s();
+            sample(&off, b1);
+            double t3 = now_s();
+            token = sample(&on, b2);
+            double t4 = now_s();
+            if (token == BOS) token = 3; /* keep going: the random models say BOS often */
+            if (t1 - t0 < fw[pos]) fw[pos] = t1 - t0;
+            if (t3 - t2 < so[pos]) so[pos] = t3 - t2;
+            if (t4 - t3 < sn[pos]) sn[pos] = t4 - t3;
+        }
+    }
+    double F = 0, O = 0, N = 0;
+    for (int i = 1; i < steps; i++) { F += fw[i]; O += so[i]; N += sn[i]; }
+    printf("%f %f %f %f\n", (steps - 1) / (F + N), (steps - 1) / F, 1e6 * O / (steps - 1), 1e6 * N / (steps - 1));
+    close_model(t);
+    return 0;
+}
+"""
+
+
+def build_timer(run_c, exe):
+    """The per-token timer around run_c, built like `make runomp`."""
+    src = Path(str(exe) + ".c")
+    src.write_text(TIMER_C)
+    subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", f'-DRUNC="{Path(run_c).resolve()}"', str(src),
+                    "-o", str(exe), "-lm"], check=True)
+
+
+def timer(exe, model, threads, reps, steps, topp=0.9):
+    """(min tok/s with top-p sampling, min tok/s of the forward, sampler us top-p off, on)."""
+    out = subprocess.run([str(exe), str(model), str(steps), str(reps), str(topp)], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True).stdout
+    return tuple(float(v) for v in out.split())
+
+
+def tok_per_s(model, tok, threads, runs, steps, topp, exe=None):
     vals = []
     for r in range(3 * runs):  # a run that samples BOS at once reports 0 tok/s: skip it
         if len(vals) == runs:
             break
-        p = subprocess.run([str(ROOT / "run"), str(model), "-z", str(tok), "-n", str(steps), "-s", str(r + 1),
+        p = subprocess.run([str(exe or ROOT / "run"), str(model), "-z", str(tok), "-n", str(steps), "-s", str(r + 1),
                             "-p", str(topp)], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                            capture_output=True, text=True, check=True)
         v = float(re.search(r"achieved tok/s: ([0-9.]+)", p.stderr).group(1))
@@ -217,15 +295,30 @@ def main():
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="15M and 42M, 2 threads, 3 runs of 128 steps")
+    ap.add_argument("--markdown", action="store_true", help="also print a markdown table (for the README)")
+    ap.add_argument("--against", metavar="OLD_RUN_C", help="time this older run.c side by side (alternating)")
     args = ap.parse_args()
+    if args.quick:
+        args.shapes, args.threads, args.runs, args.steps = "15M,42M", "2", 3, 128
     if not args.no_build:
         subprocess.run(["make", "-s", "-C", str(ROOT), "runomp"], check=True)
     CACHE.mkdir(exist_ok=True)
+    tmp = tempfile.TemporaryDirectory()
+    new_t = Path(tmp.name) / "timer_new"
+    build_timer(ROOT / "run.c", new_t)
+    old_t = None
+    if args.against:
+        old_t = Path(tmp.name) / "timer_old"
+        build_timer(args.against, old_t)
     threads = [int(t) for t in args.threads.split(",")]
     bw = {t: stream_bandwidth(t) for t in threads}
-    print("read bandwidth: " + ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s" for t in threads))
+    print("read bandwidth: " + ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s" for t in threads)
+          + f"; L3 {L3_BYTES / 2**20:.1f} MiB; load average {os.getloadavg()[0]:.2f}")
     print(f"{'shape':6} {'prec':5} {'thr':>3} {'MB/tok':>7} {'tok/s':>8} {'bound':>8} {'frac':>6} "
-          f"{'topp0.9':>8} {'cost':>6}")
+          f"{'min t/s':>8} {'frac':>6} {'topp0.9':>8} {'cost':>6} {'sampler us off/on':>18}"
+          + ("  new/old" if old_t else ""))
+    rows = []
     for shape in args.shapes.split(","):
         cfg = SHAPES[shape]
         tok = CACHE / f"tok{cfg[5]}.bin"
@@ -242,10 +335,27 @@ def main():
             for t in threads:
                 off = tok_per_s(path, tok, t, args.runs, args.steps, 1.0)
                 on = tok_per_s(path, tok, t, args.runs, args.steps, 0.9)
+                ratio = ""
+                if old_t:  # alternate old and new, several rounds; best of each
+                    new_v, old_v = [], []
+                    for _ in range(3):
+                        old_v.append(timer(old_t, path, t, 2, args.steps)[1])
+                        new_v.append(timer(new_t, path, t, 2, args.steps)[1])
+                    ratio = f"  {max(new_v) / max(old_v):.2f}x ({max(old_v):.0f} -> {max(new_v):.0f})"
+                mn, fwd, s_off, s_on = timer(new_t, path, t, args.runs, args.steps)
                 bound = bw[t] * 1e9 / wb
+                topp_cost = (s_on - s_off) * 1e-6 * mn  # share of a token's time (forward + sampling)
                 note = "  (weights fit in L3: bound is DRAM's, not L3's)" if wb < L3_BYTES else ""
                 print(f"{shape:6} {prec:5} {t:3d} {wb / 1e6:7.1f} {off:8.0f} {bound:8.0f} {off / bound:6.2f} "
-                      f"{on:8.0f} {100 * (off - on) / off:5.1f}%{note}", flush=True)
+                      f"{mn:8.0f} {mn / bound:6.2f} {on:8.0f} {100 * topp_cost:5.1f}% "
+                      f"{s_off:8.1f} / {s_on:7.1f}{ratio}{note}", flush=True)
+                rows.append((shape, prec, t, wb, off, bound, mn, on, topp_cost, wb < L3_BYTES))
+    if args.markdown:
+        print("\n| model | weights | threads | tok/s | bound | of bound | min tok/s | top-p 0.9 cost |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for shape, prec, t, wb, off, bound, mn, _on, cost, in_l3 in rows:
+            print(f"| {shape} | {prec}, {wb / 1e6:.1f} MB{' (in L3)' if in_l3 else ''} | {t} | {off:.0f} | "
+                  f"{bound:.0f} | {off / bound:.2f} | {mn:.0f} | {100 * cost:.1f}% |")
 
 
 if __name__ == "__main__":
