@@ -251,8 +251,9 @@ llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=64, n_threads=thread
 tok = llm.token_bos()
 llm.eval([tok])  # the first decode is not timed (run.c times from its 2nd token too)
 llama_cpp.llama_perf_context_reset(llm.ctx)
+n_vocab = llm.n_vocab()
 for _ in range(steps - 1):
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))))
     llm.eval([tok])
 perf = llama_cpp.llama_perf_context(llm.ctx)
 print(json.dumps({"n_eval": perf.n_eval, "t_eval_ms": perf.t_eval_ms}))
