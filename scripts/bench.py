@@ -77,14 +77,17 @@ FLAG_NOTES = [
     ("-Ofast", "gcc-O3", "gcc-Ofast",
      "-O3 plus -ffast-math: lets the compiler reorder float sums, so reductions vectorise"),
     ("-ffast-math", "gcc-O3", "gcc-O3-ffast-math",
-     "reassociation, no NaN/Inf/signed-zero care, flush-to-zero; the part of -Ofast that matters here"),
+     "reassociation, no NaN/Inf/signed-zero care, flush-to-zero. Without -march=native run.c's matmuls are"
+     " plain C loops: reassociation lets gcc vectorise the fp32 dot product; int8 sums are exact integers,"
+     " so int8 gains nothing"),
     ("-funsafe-math-optimizations", "gcc-O3", "gcc-O3-funsafe-math",
-     "the reassociation subset of -ffast-math (what lets a dot product use several vector accumulators)"),
+     "the reassociation subset of -ffast-math: the same gain, so reassociation is all that matters"),
     ("-march=native", "gcc-O3", "gcc-O3-native",
      "code for this CPU: AVX2/FMA/AVX-512 (VNNI) instead of SSE2; run.c's intrinsic kernels exist only then"),
     ("-Ofast -march=native", "gcc-O3", "gcc-Ofast-native", "both of the above"),
     ("-fopenmp (1 thread)", "gcc-Ofast-native", "gcc-Ofast-native-omp",
-     "OpenMP threading; at 1 thread it only adds the parallel-region overhead"),
+     "OpenMP threading; at 1 thread it only adds the parallel region and barriers of every token,"
+     " most visible where a token is cheapest (int8)"),
     ("clang vs gcc", "gcc-Ofast-native-omp", "clang-Ofast-native-omp", "same flags, clang (LLVM) instead of gcc"),
     ("zig cc vs clang", "clang-Ofast-native", "zig-O3-fast-native",
      "zig cc is clang (a newer LLVM) with its own libc headers; no OpenMP"),
@@ -286,7 +289,7 @@ def _fmt(s, digits=None) -> str:
         return "-"
     m = s["median"]
     d = digits if digits is not None else (0 if m >= 100 else 1)
-    return f"{m:.{d}f} ±{s['spread'] / 2:.{d}f}"
+    return f"{m:.{d}f} ({min(s['runs']):.{d}f}-{max(s['runs']):.{d}f})"
 
 
 def _key(shape, prec, t) -> str:
@@ -334,16 +337,11 @@ def goals(rows) -> list[tuple[str, bool | None, str]]:
     return out
 
 
-def speedup(res, base, new, threads=1) -> tuple[float, float, float] | None:
-    """Geometric mean, min and max of new/base tok/s over every shape and precision measured at `threads`."""
+def speedup(res, base, new, threads=1) -> list[tuple[str, float]]:
+    """new/base tok/s for every shape and precision measured at `threads`."""
     a, b = res["ours"].get(base, {}), res["ours"].get(new, {})
-    r = [b[k]["median"] / a[k]["median"] for k in a if k in b and a[k] and b[k] and k.endswith(f"/{threads}t")]
-    if not r:
-        return None
-    g = 1.0
-    for x in r:
-        g *= x
-    return g ** (1 / len(r)), min(r), max(r)
+    return [(k.rsplit("/", 1)[0], b[k]["median"] / a[k]["median"])
+            for k in a if k in b and a[k] and b[k] and k.endswith(f"/{threads}t")]
 
 
 def markdown(res, chart_name="bench.png") -> str:
@@ -362,7 +360,8 @@ def markdown(res, chart_name="bench.png") -> str:
          f"- peer: {m['llama.cpp']} (llama.cpp built from source, GGML_NATIVE=ON)",
          "- read bandwidth (STREAM-style sum over 1 GiB): "
          + ", ".join(f"{t} thread{'s' * (int(t) > 1)} {bw:.1f} GB/s" for t, bw in res["bandwidth"].items()),
-         f"- load average when the run started: {m['load_avg']:.1f} (a shared machine: see the spreads)", "",
+         f"- load average (1 min) at the start / end of the run: {m['load_avg']:.1f} / {res['load_end']:.1f} "
+         "(a shared 2-core machine: other jobs running at the same time slow some rounds, see the min-max)", "",
          "### Our runtime vs llama.cpp and the bound", "",
          f"Ours: the `{REF}` build (`make runomp`). llama.cpp: the same weights as GGUF (f32 / q8_0), "
          "eval time of 255 single-token decodes (load, sampling and the first token excluded). "
@@ -383,7 +382,7 @@ def markdown(res, chart_name="bench.png") -> str:
     for label, ok, v in goals(rows):
         L.append(f"| {label} | {v} | {'-' if ok is None else 'yes' if ok else '**no**'} |")
     L += ["", "### Every build", "",
-          "tok/s, median ± half the spread (max - min) of the rounds; OpenMP builds also at 2 threads. "
+          "tok/s, median (min-max) of the rounds; OpenMP builds also at 2 threads. "
           "Size: the stripped binary (`-s`).", "",
           "| build | flags | size KB | " + " | ".join(cols) + " |", "|---|---|---:|" + "---:|" * len(cols)]
     for b in res["builds"]:
@@ -395,14 +394,12 @@ def markdown(res, chart_name="bench.png") -> str:
             cells = ["not timed (runs under qemu in tests/test_cross.py)"] + [""] * (len(cols) - 1)
         L.append(f"| {b['name']} | `{b['flags']}` | {b['size'] / 1024:.0f} | " + " | ".join(cells) + " |")
     L.append("| llama.cpp | GGUF f32 / q8_0 | - | " + " | ".join(_fmt(res["llama"].get(c)) for c in cols) + " |")
-    L += ["", "### What the flags do here (measured, 1 thread, geometric mean over the shapes and precisions)", ""]
+    L += ["", "### What the flags do here (measured at 1 thread: new ÷ old tok/s per shape and precision)", ""]
     for label, base, new, what in FLAG_NOTES:
-        s = speedup(res, base, new)
-        if s is None:
-            continue
-        g, lo, hi = s
-        verdict = ("no measurable effect" if abs(g - 1) < 0.05 else "faster" if g > 1 else "slower")
-        L.append(f"- **{label}** ({what}): {verdict}, ×{g:.2f} (×{lo:.2f} to ×{hi:.2f}) `{base}` → `{new}`.")
+        ups = speedup(res, base, new)
+        if ups:
+            L.append(f"- **{label}** ({what}): " + ", ".join(f"{k} ×{x:.2f}" for k, x in ups)
+                     + f" (`{base}` → `{new}`).")
     omp = [(r["shape"], r["prec"]) for r in rows]
     two = [res["ours"][REF][_key(sh, p, 2)]["median"] / res["ours"][REF][_key(sh, p, 1)]["median"]
            for sh, p in dict.fromkeys(omp) if res["ours"].get(REF, {}).get(_key(sh, p, 2))
@@ -550,7 +547,7 @@ def main(argv=None) -> int:
            "shapes": shapes, "precisions": precisions, "threads": threads, "machine": m, "llc_bytes": llc_bytes(),
            "bandwidth": bandwidth, "builds": builds,
            "ours": {n: {k: summary(v) for k, v in d.items()} for n, d in raw_ours.items()},
-           "llama": {k: summary(v) for k, v in raw_llama.items()}}
+           "llama": {k: summary(v) for k, v in raw_llama.items()}, "load_end": os.getloadavg()[0]}
     stamp = ROOT / ".venv" / ".bench-llama-build-s"
     if stamp.exists():
         res["llama_build_min"] = round(float(stamp.read_text()) / 60)
