@@ -427,7 +427,7 @@ def chart(res, path) -> bool:
     rows = ratios(res)
     timed = [b["name"] for b in res["builds"] if "error" not in b and b["native"] or "x86_64" in b["flags"]]
     timed = [n for n in timed if n in res["ours"]]
-    fig, axes = plt.subplots(1, len(res["threads"]), figsize=(6 * len(res["threads"]), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(res["threads"]), figsize=(5 * len(res["threads"]) + 2.5, 4.2), squeeze=False)
     groups = [(s, p) for s in res["shapes"] for p in res["precisions"]]
     for ax, t in zip(axes[0], res["threads"], strict=True):
         names = [n for n in timed if res["ours"][n].get(_key(*groups[0], t))] + ["llama.cpp"]
@@ -445,7 +445,7 @@ def chart(res, path) -> bool:
         ax.set_title(f"{t} thread{'s' * (t > 1)}")
         ax.set_ylabel("tok/s (log)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"run.c builds vs llama.cpp, {res['machine']['cpu']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
