@@ -1051,7 +1051,8 @@ static int compact(float *dst, const float *src, int n, float pivot, int high) {
     const __m512 pv = _mm512_set1_ps(pivot);
     for (; i + 16 <= n; i += 16) {
         __m512 v = _mm512_loadu_ps(src + i);
-        __mmask16 m = _mm512_cmp_ps_mask(v, pv, high ? _CMP_GT_OQ : _CMP_LE_OQ);
+        /* the predicate must be a compile-time constant (clang, zig cc) */
+        __mmask16 m = high ? _mm512_cmp_ps_mask(v, pv, _CMP_GT_OQ) : _mm512_cmp_ps_mask(v, pv, _CMP_LE_OQ);
         _mm512_storeu_ps(dst + k, _mm512_maskz_compress_ps(m, v));
         k += __builtin_popcount(m);
     }
