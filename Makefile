@@ -57,7 +57,7 @@ librun.so: run.c
 	$(CC) -Ofast -fopenmp -march=native -fPIC -DRUN_LIBRARY $(RUN_WARN) -c run.c -o librun.o
 	$(CC) -shared -fopenmp librun.o -o librun.so -lm
 	rm -f librun.o
-# libFuzzer (clang): model and tokenizer loaders, FUZZ_SECONDS each (findings: FUZZING.md)
+# libFuzzer (clang): model and tokenizer loaders, FUZZ_SECONDS each (findings: docs/fuzzing.md)
 fuzz: fuzz_run.c run.c
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -DFUZZ_MODEL -o fuzz_model fuzz_run.c -lm
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -DFUZZ_TOKENIZER -o fuzz_tokenizer fuzz_run.c -lm
