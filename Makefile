@@ -9,7 +9,8 @@ VENV_STAMP := $(VENV)/.installed
 .PHONY: venv test demo lint
 
 # The tests build the C runtime themselves through the targets below.
-test: $(VENV_STAMP)
+# .web-installed: the Zig compiler, wasmtime and Playwright (requirements-web.txt, ZIG-WEB section).
+test: $(VENV_STAMP) $(VENV)/.web-installed
 	$(PY) -m pytest -q
 
 # Offline end to end: synthetic corpus -> vocab -> shards -> train -> model.bin -> samples.
