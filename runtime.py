@@ -79,12 +79,34 @@ def _ids(ids) -> tuple[ctypes.Array, int]:
     return (ctypes.c_int * max(1, len(ids)))(*ids), len(ids)
 
 
-class Model:
+class _Handle:
+    """A C object that must be freed once: closed explicitly, by `with`, or when collected."""
+
+    _free = ""  # name of the C function that frees the handle
+
+    def close(self):
+        if getattr(self, "_h", None):
+            getattr(self._lib, self._free)(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class Model(_Handle):
     """A model.bin (version 0, 1 or 2) memory-mapped by the C runtime.
 
     Attributes: dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
     seq_len, version (0/1/2), shared_classifier (bool), group_size (0 for fp32).
     """
+
+    _free = "rt_close"
 
     def __init__(self, path: str | os.PathLike):
         self._lib = load_library()
@@ -134,23 +156,12 @@ class Model:
         if not self._h:
             raise RunError("model is closed")
 
-    def close(self):
-        if getattr(self, "_h", None):
-            self._lib.rt_close(self._h)
-            self._h = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
 
 
-class Tokenizer:
+class Tokenizer(_Handle):
     """A llama2.c tokenizer.bin holding exactly `vocab_size` pieces."""
+
+    _free = "rt_tokenizer_close"
 
     def __init__(self, path: str | os.PathLike, vocab_size: int):
         self._lib = load_library()
@@ -184,16 +195,3 @@ class Tokenizer:
         """decode_bytes() as text (invalid UTF-8 replaced)."""
         return self.decode_bytes(ids).decode("utf-8", "replace")
 
-    def close(self):
-        if getattr(self, "_h", None):
-            self._lib.rt_tokenizer_close(self._h)
-            self._h = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
