@@ -307,18 +307,7 @@ def write_hf(model: Transformer, out_dir, tokenizer_model=None) -> None:
     shared = model.shares_classifier
     bos_id, eos_id, sp = 1, 2, None
     if tokenizer_model is not None:
-        from sentencepiece import SentencePieceProcessor
-
-        if not os.path.isfile(tokenizer_model):
-            raise ModelFileError(f"{tokenizer_model}: tokenizer model not found")
-        sp = SentencePieceProcessor()
-        try:
-            sp.Load(os.fspath(tokenizer_model))
-        except (OSError, RuntimeError) as e:
-            raise ModelFileError(f"{tokenizer_model}: not a SentencePiece model ({e})") from None
-        if sp.vocab_size() != a.vocab_size:
-            raise ModelFileError(f"{tokenizer_model}: tokenizer has {sp.vocab_size()} pieces but the model's "
-                                 f"vocab_size is {a.vocab_size}")
+        sp = _sentencepiece(tokenizer_model, a.vocab_size)
         bos_id, eos_id = sp.bos_id(), sp.eos_id()
 
     tensors = {}

@@ -18,9 +18,8 @@ import sys
 
 import numpy as np
 import pytest
-from crt_util import LLAMA_TOK_BIN, LLAMA_TOK_MODEL, ROOT, STORIES260K, TINY, build, need
-
 from bench_run import write_tokenizer, write_v1, write_v2
+from crt_util import LLAMA_TOK_BIN, LLAMA_TOK_MODEL, ROOT, STORIES260K, TINY, build, need
 
 torch = pytest.importorskip("torch")
 
