@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "fixtures"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_run's numpy model writers, used by the C tests
 
 LLAMA2_TOKENIZER_MODEL = SHARED / "llama2-tokenizer" / "tokenizer.model"
 LLAMA2_TOKENIZER_BIN = SHARED / "llama2-tokenizer" / "tokenizer.bin"
