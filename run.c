@@ -618,6 +618,16 @@ static const float *norm_input(Scratch *sc, const float *x, const float *w, int 
     return sc->xn;
 }
 
+/* x += W in on this thread's rows of x: the wo and w2 projections back into the
+ * residual stream. `out` is scratch for W in; int8 matrices quantize `in` first. */
+static void add_projection(Scratch *sc, int gs, float *x, float *out, const Mat *m, const float *in, int n, int D) {
+    int a, b;
+    if (gs) quantize(sc->xq, sc->xs, in, n, gs);
+    split(D, 4, &a, &b);
+    matmul(sc, gs, out, m, in, n, a, b);
+    for (int i = a; i < b; i++) x[i] += out[i];
+}
+
 static void rope(float *v, int a, int b, int hs, const float *cosr, const float *sinr) {
     for (int i = a; i < b; i += 2) {
         float c0 = cosr[(i % hs) / 2], s0 = sinr[(i % hs) / 2], x0 = v[i], x1 = v[i + 1];
@@ -675,10 +685,7 @@ static void forward_team(Transformer *t, int pos) {
         }
 #pragma omp barrier
         /* output projection; my rows of the residual */
-        if (gs) quantize(sc->xq, sc->xs, s->xb, D, gs);
-        split(D, 4, &a, &b);
-        matmul(sc, gs, s->xb2, &w->wo[l], s->xb, D, a, b);
-        for (int i = a; i < b; i++) s->x[i] += s->xb2[i];
+        add_projection(sc, gs, s->x, s->xb2, &w->wo[l], s->xb, D, D);
 #pragma omp barrier
         /* SwiGLU: silu(w1 x) * (w3 x), fused per thread on its own rows */
         in = norm_input(sc, s->x, w->rms_ffn + (size_t)l * D, D, gs);
@@ -690,10 +697,7 @@ static void forward_team(Transformer *t, int pos) {
             s->hb[i] = v / (1.0f + expf(-v)) * s->hb2[i];
         }
 #pragma omp barrier
-        if (gs) quantize(sc->xq, sc->xs, s->hb, H, gs);
-        split(D, 4, &a, &b);
-        matmul(sc, gs, s->xb2, &w->w2[l], s->hb, H, a, b);
-        for (int i = a; i < b; i++) s->x[i] += s->xb2[i];
+        add_projection(sc, gs, s->x, s->xb2, &w->w2[l], s->hb, H, D);
 #pragma omp barrier
     }
     /* the final norm goes into my copy (x itself is left as the residual) */
