@@ -108,8 +108,8 @@ typedef struct {
     float *q;                 /* D: query */
     float *att;               /* n_heads × S: attention scores */
     float *logits;            /* V */
-    float *key_cache;         /* L × S × kvD */
-    float *value_cache;       /* L × S × kvD */
+    float *key_cache;         /* L × n_kv_heads × S × hs: head-major, so attention */
+    float *value_cache;       /* reads each head's past keys/values as one stream */
     Scratch *th;              /* one per thread (n_th) */
     int n_th;
     float *rope_cos, *rope_sin; /* S × hs/2, computed once at load */
@@ -391,6 +391,19 @@ static Transformer *open_model(const char *path) {
     void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);
     if (map == MAP_FAILED) { set_err("%s: mmap failed: %s", path, strerror(errno)); return NULL; }
+    /* Copy the file into anonymous memory, on huge pages where the kernel
+     * gives them: the matmuls stream it ~20% faster than the page cache's
+     * scattered 4 KiB pages (measured: 10 vs 8 GB/s per core). If there is
+     * no memory for a copy, run from the file mapping. */
+    void *anon = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (anon != MAP_FAILED) {
+#ifdef MADV_HUGEPAGE
+        madvise(anon, size, MADV_HUGEPAGE);
+#endif
+        memcpy(anon, map, size);
+        munmap(map, size);
+        map = anon;
+    }
     Transformer *t = calloc(1, sizeof *t);
     if (!t) { munmap(map, size); set_err("%s: out of memory", path); return NULL; }
     if (parse_model(t, map, size, path) < 0) {
@@ -423,7 +436,9 @@ static void softmax(float *x, int n) {
     float mx = x[0];
     for (int i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
     float sum = 0.0f;
-    for (int i = 0; i < n; i++) { x[i] = expf(x[i] - mx); sum += x[i]; }
+    /* clamped above exp's underflow, where the vectorised expf would fall
+     * back to scalar code (flat, wide logits of random weights: 5x slower) */
+    for (int i = 0; i < n; i++) { x[i] = expf(fmaxf(x[i] - mx, -87.0f)); sum += x[i]; }
     float inv = 1.0f / sum;
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
@@ -628,6 +643,40 @@ static void add_projection(Scratch *sc, int gs, float *x, float *out, const Mat 
     for (int i = a; i < b; i++) x[i] += out[i];
 }
 
+/* Attention's inner loops over one cached key or value (n = head size).
+ * The software prefetch runs PF_KV positions ahead: the cache of earlier
+ * positions has been pushed out to DRAM by the weights since. */
+#define PF_KV 8
+static inline float dot(const float *q, const float *k, int n) {
+#if defined(__AVX512F__)
+    if (n % 16 == 0) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+            _mm_prefetch((const char *)(k + PF_KV * n + i), _MM_HINT_T0);
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + i), acc);
+        }
+        return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += q[i] * k[i];
+    return sum;
+}
+
+static inline void axpy(float *o, float a, const float *v, int n) {
+#if defined(__AVX512F__)
+    if (n % 16 == 0) {
+        const __m512 av = _mm512_set1_ps(a);
+        for (int i = 0; i < n; i += 16) {
+            _mm_prefetch((const char *)(v + PF_KV * n + i), _MM_HINT_T0);
+            _mm512_storeu_ps(o + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(v + i), _mm512_loadu_ps(o + i)));
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < n; i++) o[i] += a * v[i];
+}
+
 static void rope(float *v, int a, int b, int hs, const float *cosr, const float *sinr) {
     for (int i = a; i < b; i += 2) {
         float c0 = cosr[(i % hs) / 2], s0 = sinr[(i % hs) / 2], x0 = v[i], x1 = v[i + 1];
@@ -655,33 +704,27 @@ static void forward_team(Transformer *t, int pos) {
 
     for (int l = 0; l < c->n_layers; l++) {
         const float *in = norm_input(sc, s->x, w->rms_att + (size_t)l * D, D, gs);
-        /* q, k, v of my heads; k and v go straight into this position's cache row */
-        size_t loff = (size_t)l * S * kvD;
-        float *kc = s->key_cache + loff + (size_t)pos * kvD, *vc = s->value_cache + loff + (size_t)pos * kvD;
+        /* q of my heads; k and v of my kv heads go straight into the cache at
+         * pos (matmul writes out[r] for rows r, hence the - kh * hs) */
+        float *kl = s->key_cache + (size_t)l * kvD * S, *vl = s->value_cache + (size_t)l * kvD * S;
         matmul(sc, gs, s->q, &w->wq[l], in, D, q0, q1);
-        matmul(sc, gs, kc, &w->wk[l], in, D, k0 * hs, k1 * hs);
-        matmul(sc, gs, vc, &w->wv[l], in, D, k0 * hs, k1 * hs);
         rope(s->q, q0, q1, hs, cosr, sinr);
-        rope(kc, k0 * hs, k1 * hs, hs, cosr, sinr);
+        for (int kh = k0; kh < k1; kh++) {
+            float *kc = kl + ((size_t)kh * S + pos) * hs, *vc = vl + ((size_t)kh * S + pos) * hs;
+            matmul(sc, gs, kc - (size_t)kh * hs, &w->wk[l], in, D, kh * hs, (kh + 1) * hs);
+            matmul(sc, gs, vc - (size_t)kh * hs, &w->wv[l], in, D, kh * hs, (kh + 1) * hs);
+            rope(kc, 0, hs, hs, cosr, sinr);
+        }
         /* attention of my heads; output into xb */
         for (int h = q0 / hs; h < q1 / hs; h++) {
             const float *qh = s->q + (size_t)h * hs;
+            const float *kh = kl + (size_t)(h / kvmul) * S * hs, *vh = vl + (size_t)(h / kvmul) * S * hs;
             float *att = s->att + (size_t)h * S;
-            const size_t koff = loff + (size_t)(h / kvmul) * hs;
-            for (int p = 0; p <= pos; p++) {
-                const float *kp = s->key_cache + koff + (size_t)p * kvD;
-                float dot = 0.0f;
-                for (int i = 0; i < hs; i++) dot += qh[i] * kp[i];
-                att[p] = dot * scale;
-            }
+            for (int p = 0; p <= pos; p++) att[p] = dot(qh, kh + (size_t)p * hs, hs) * scale;
             softmax(att, pos + 1);
             float *o = s->xb + (size_t)h * hs;
             memset(o, 0, hs * sizeof(float));
-            for (int p = 0; p <= pos; p++) {
-                const float *vp = s->value_cache + koff + (size_t)p * kvD;
-                const float ap = att[p];
-                for (int i = 0; i < hs; i++) o[i] += ap * vp[i];
-            }
+            for (int p = 0; p <= pos; p++) axpy(o, att[p], vh + (size_t)p * hs, hs);
         }
 #pragma omp barrier
         /* output projection; my rows of the residual */
