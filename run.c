@@ -77,11 +77,12 @@ typedef struct {
 } Config;
 
 /* One weight matrix (out × in, row-major): either fp32 (f) or Q8_0 int8 values
- * q with one fp32 scale per group_size consecutive values (s). */
+ * q with one fp32 scale per gs consecutive values of a row (s). */
 typedef struct {
     const float *f;
     const int8_t *q;
     const float *s;
+    int gs;
 } Mat;
 
 typedef struct {
@@ -91,6 +92,7 @@ typedef struct {
     Mat emb;                /* V × D token embedding */
     Mat cls;                /* V × D classifier (== emb when shared) */
     Mat *wq, *wk, *wv, *wo, *w1, *w2, *w3; /* n_layers each, one allocation */
+    float *w2_scales;       /* w2's scales per row, when its groups straddle rows */
 } Weights;
 
 /* Each thread's own copy of a matmul input: every thread normalises and
@@ -132,9 +134,9 @@ static void free_state(Transformer *t) {
     free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
     for (int i = 0; s->th && i < s->n_th; i++) { free(s->th[i].xn); free(s->th[i].xq); free(s->th[i].xs); }
     free(s->th); free(s->rope_cos); free(s->rope_sin);
-    free(t->w.wq);
+    free(t->w.wq); free(t->w.w2_scales);
     memset(s, 0, sizeof *s);
-    t->w.wq = NULL;
+    t->w.wq = NULL; t->w.w2_scales = NULL;
 }
 
 /* Header sanity bounds. They keep every size product below 2^50 so the
@@ -211,8 +213,36 @@ static int take_q(Cursor *cur, Mat *m, uint64_t numel, int gs) {
     m->f = NULL;
     m->q = take(cur, numel);
     m->s = take(cur, 4 * (numel / gs));
+    m->gs = gs;
     if (!m->q || !m->s) return -1;
     if ((uintptr_t)m->s % 4) return -2; /* only possible for group sizes 1 and 2 */
+    return 0;
+}
+
+static int gcd(int a, int b) { return b ? gcd(b, a % b) : a; }
+
+/* Groups run over each flattened tensor (FORMATS.md), so when hidden_dim is
+ * not a multiple of the group size (42M: 1376 with llama2.c's group of 64),
+ * w2's rows end mid-group: rows alternate between starting on a group and
+ * starting half way into one. Split w2's groups at the row ends into groups
+ * of g = gcd(H, gs) that every row sees whole (32 for the 42M shape), each
+ * with its group's scale: a small per-row table built once (D × H/g floats a
+ * layer), after which w2 is an ordinary matrix of group size g whose input
+ * is quantized in groups of g. Every other matrix keeps the group size. */
+static int straddled_w2_scales(Transformer *t) {
+    const int D = t->c.dim, H = t->c.hidden_dim, L = t->c.n_layers, gs = t->gs, g = gcd(H, gs);
+    const size_t per_layer = (size_t)D * (H / g);
+    float *tab = malloc(L * per_layer * sizeof(float));
+    if (!tab) return -1;
+    for (int l = 0; l < L; l++) {
+        Mat *m = &t->w.w2[l];
+        float *out = tab + l * per_layer;
+        for (size_t r = 0; r < (size_t)D; r++)
+            for (int k = 0; k < H / g; k++) out[r * (H / g) + k] = m->s[(r * H + (size_t)k * g) / gs];
+        m->s = out;
+        m->gs = g;
+    }
+    t->w.w2_scales = tab;
     return 0;
 }
 
@@ -262,8 +292,10 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
     }
     int D = c->dim, H = c->hidden_dim, kvD = c->n_kv_heads * (D / c->n_heads);
     if (t->version == 2) {
-        if (t->gs <= 0 || D % t->gs || H % t->gs) {
-            set_err("%s: group size %d does not divide dim %d and hidden_dim %d", name, t->gs, D, H);
+        /* every tensor has dim as a factor, so its groups tile it (w2's rows
+         * may still end mid-group when hidden_dim % gs != 0: see below) */
+        if (t->gs <= 0 || D % t->gs) {
+            set_err("%s: group size %d does not divide dim %d", name, t->gs, D);
             return -1;
         }
     }
@@ -329,6 +361,11 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
             return -1;
         }
         bad |= r;
+        if (!bad && H % gs && straddled_w2_scales(t) < 0) {
+            set_err("%s: out of memory", name);
+            free(w->wq); w->wq = NULL;
+            return -1;
+        }
     }
     if (bad || cur.left) { /* unreachable after the size check */
         set_err("%s: internal size mismatch", name);
@@ -577,8 +614,8 @@ q_rows_gs32(float *out, const int8_t *xq, const float *xs, const int8_t *wq, con
 #endif
 
 /* int8 rows [r0, r1) of out = W x, with x already quantized into (xq, xs). */
-static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Mat *m, int n, int gs,
-                      int r0, int r1) {
+static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Mat *m, int n, int r0, int r1) {
+    const int gs = m->gs;
     int r = r0;
 #ifdef HAVE_VNNI
     /* Software prefetch of the rows Q8_PF ahead (within our share): the
@@ -610,9 +647,10 @@ static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Mat *
     }
 }
 
-/* Rows [r0, r1) of out = W in; int8 matrices read this thread's quantized copy of in. */
-static void matmul(const Scratch *sc, int gs, float *out, const Mat *m, const float *in, int n, int r0, int r1) {
-    if (m->q) matmul_q8(out, sc->xq, sc->xs, m, n, gs, r0, r1);
+/* Rows [r0, r1) of out = W in; int8 matrices read this thread's copy of in,
+ * quantized in groups of the matrix's gs. */
+static void matmul(const Scratch *sc, float *out, const Mat *m, const float *in, int n, int r0, int r1) {
+    if (m->q) matmul_q8(out, sc->xq, sc->xs, m, n, r0, r1);
     else matmul_f32(out, in, m->f, n, r0, r1);
 }
 
@@ -635,11 +673,11 @@ static const float *norm_input(Scratch *sc, const float *x, const float *w, int 
 
 /* x += W in on this thread's rows of x: the wo and w2 projections back into the
  * residual stream. `out` is scratch for W in; int8 matrices quantize `in` first. */
-static void add_projection(Scratch *sc, int gs, float *x, float *out, const Mat *m, const float *in, int n, int D) {
+static void add_projection(Scratch *sc, float *x, float *out, const Mat *m, const float *in, int n, int D) {
     int a, b;
-    if (gs) quantize(sc->xq, sc->xs, in, n, gs);
+    if (m->q) quantize(sc->xq, sc->xs, in, n, m->gs);
     split(D, 4, &a, &b);
-    matmul(sc, gs, out, m, in, n, a, b);
+    matmul(sc, out, m, in, n, a, b);
     for (int i = a; i < b; i++) x[i] += out[i];
 }
 
@@ -707,12 +745,12 @@ static void forward_team(Transformer *t, int pos) {
         /* q of my heads; k and v of my kv heads go straight into the cache at
          * pos (matmul writes out[r] for rows r, hence the - kh * hs) */
         float *kl = s->key_cache + (size_t)l * kvD * S, *vl = s->value_cache + (size_t)l * kvD * S;
-        matmul(sc, gs, s->q, &w->wq[l], in, D, q0, q1);
+        matmul(sc, s->q, &w->wq[l], in, D, q0, q1);
         rope(s->q, q0, q1, hs, cosr, sinr);
         for (int kh = k0; kh < k1; kh++) {
             float *kc = kl + ((size_t)kh * S + pos) * hs, *vc = vl + ((size_t)kh * S + pos) * hs;
-            matmul(sc, gs, kc - (size_t)kh * hs, &w->wk[l], in, D, kh * hs, (kh + 1) * hs);
-            matmul(sc, gs, vc - (size_t)kh * hs, &w->wv[l], in, D, kh * hs, (kh + 1) * hs);
+            matmul(sc, kc - (size_t)kh * hs, &w->wk[l], in, D, kh * hs, (kh + 1) * hs);
+            matmul(sc, vc - (size_t)kh * hs, &w->wv[l], in, D, kh * hs, (kh + 1) * hs);
             rope(kc, 0, hs, hs, cosr, sinr);
         }
         /* attention of my heads; output into xb */
@@ -728,25 +766,25 @@ static void forward_team(Transformer *t, int pos) {
         }
 #pragma omp barrier
         /* output projection; my rows of the residual */
-        add_projection(sc, gs, s->x, s->xb2, &w->wo[l], s->xb, D, D);
+        add_projection(sc, s->x, s->xb2, &w->wo[l], s->xb, D, D);
 #pragma omp barrier
         /* SwiGLU: silu(w1 x) * (w3 x), fused per thread on its own rows */
         in = norm_input(sc, s->x, w->rms_ffn + (size_t)l * D, D, gs);
         split(H, 4, &a, &b);
-        matmul(sc, gs, s->hb, &w->w1[l], in, D, a, b);
-        matmul(sc, gs, s->hb2, &w->w3[l], in, D, a, b);
+        matmul(sc, s->hb, &w->w1[l], in, D, a, b);
+        matmul(sc, s->hb2, &w->w3[l], in, D, a, b);
         for (int i = a; i < b; i++) {
             float v = s->hb[i];
             s->hb[i] = v / (1.0f + expf(-v)) * s->hb2[i];
         }
 #pragma omp barrier
-        add_projection(sc, gs, s->x, s->xb2, &w->w2[l], s->hb, H, D);
+        add_projection(sc, s->x, s->xb2, &w->w2[l], s->hb, H, D);
 #pragma omp barrier
     }
     /* the final norm goes into my copy (x itself is left as the residual) */
     const float *in = norm_input(sc, s->x, w->rms_final, D, gs);
     split(c->vocab_size, 4, &a, &b);
-    matmul(sc, gs, s->logits, &w->cls, in, D, a, b);
+    matmul(sc, s->logits, &w->cls, in, D, a, b);
 }
 
 /* Logits for `token` at position `pos`; positions before pos must already

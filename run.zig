@@ -64,10 +64,10 @@ const max_vocab = field_max[5];
 const max_state_bytes: u64 = 16 << 30;
 
 /// One weight matrix (rows × cols, row-major): fp32, or Q8_0 int8 values with
-/// one fp32 scale per `group_size` consecutive values.
+/// one fp32 scale per `gs` consecutive values of a row.
 pub const Matrix = union(enum) {
     f32: []const f32,
-    q8: struct { q: []const i8, s: []const f32 },
+    q8: struct { q: []const i8, s: []const f32, gs: usize },
 };
 
 pub const Layer = struct {
@@ -133,7 +133,7 @@ const Cursor = struct {
     fn matrix(cur: *Cursor, numel: usize, gs: usize) error{Truncated}!Matrix {
         if (gs == 0) return .{ .f32 = try cur.floats(numel) };
         const q = try cur.take(numel);
-        return .{ .q8 = .{ .q = @ptrCast(q), .s = try cur.floats(numel / gs) } };
+        return .{ .q8 = .{ .q = @ptrCast(q), .s = try cur.floats(numel / gs), .gs = gs } };
     }
 };
 
@@ -142,6 +142,7 @@ pub const Transformer = struct {
     version: u8,
     shared: bool,
     group_size: usize, // Q8_0 group size (v2); 0 for fp32
+    w2_scales: []f32 = &.{}, // w2's scales per row, when its groups straddle rows
     rms_final: []const f32,
     embedding: Matrix,
     classifier: Matrix,
@@ -190,8 +191,10 @@ pub const Transformer = struct {
         const H = config.hidden_dim;
         if (version == 2) {
             const g = readInt(i32, bytes, 37); // unaligned, right after the flag byte
-            if (g <= 0 or D % @as(usize, @intCast(g)) != 0 or H % @as(usize, @intCast(g)) != 0)
-                return diag.fail(error.BadModel, "{s}: group size {d} does not divide dim {d} and hidden_dim {d}", .{ name, g, D, H });
+            // every tensor has dim as a factor, so the groups tile it (w2's rows may
+            // still end mid-group: see splitStraddledGroups)
+            if (g <= 0 or D % @as(usize, @intCast(g)) != 0)
+                return diag.fail(error.BadModel, "{s}: group size {d} does not divide dim {d}", .{ name, g, D });
             gs = @intCast(g);
         }
         const want = expectedSize(config, version, shared, gs);
@@ -222,6 +225,9 @@ pub const Transformer = struct {
         t.mapWeights(&cur) catch return diag.fail(error.BadModel, "{s}: internal size mismatch", .{name});
         if (cur.unaligned) return diag.fail(error.BadModel, "{s}: group size {d} leaves scales unaligned (unsupported)", .{ name, gs });
         if (cur.bytes.len != 0) return diag.fail(error.BadModel, "{s}: internal size mismatch", .{name});
+        if (gs != 0 and H % gs != 0)
+            t.splitStraddledGroups() catch return diag.fail(error.OutOfMemory, "{s}: out of memory", .{name});
+        errdefer gpa.free(t.w2_scales);
 
         const kv_bytes: u64 = 2 * @as(u64, config.n_layers) * config.seq_len * config.kvDim() * 4;
         if (kv_bytes > max_state_bytes)
@@ -286,8 +292,32 @@ pub const Transformer = struct {
         t.classifier = if (t.shared) t.embedding else try cur.matrix(V * D, gs);
     }
 
+    /// Groups run over each flattened tensor, so when hidden_dim is not a
+    /// multiple of the group size (42M: 1376 with llama2.c's 64), w2's rows end
+    /// mid-group. Split its groups at the row ends into groups of
+    /// g = gcd(H, gs) that every row sees whole, each keeping its group's
+    /// scale: a per-row table built once, after which w2 is an ordinary matrix
+    /// of group size g (its input is quantized in groups of g too).
+    fn splitStraddledGroups(t: *Transformer) Allocator.Error!void {
+        const D = t.config.dim;
+        const H = t.config.hidden_dim;
+        const gs = t.group_size;
+        const g = std.math.gcd(H, gs);
+        const per_layer = D * (H / g);
+        t.w2_scales = try t.gpa.alloc(f32, t.layers.len * per_layer);
+        for (t.layers, 0..) |*layer, l| {
+            const w = layer.w2.q8;
+            const table = t.w2_scales[l * per_layer ..][0..per_layer];
+            for (0..D) |r| {
+                for (table[r * (H / g) ..][0 .. H / g], 0..) |*s, k| s.* = w.s[(r * H + k * g) / gs];
+            }
+            layer.w2 = .{ .q8 = .{ .q = w.q, .s = table, .gs = g } };
+        }
+    }
+
     pub fn deinit(t: *Transformer) void {
         if (!builtin.single_threaded) if (t.pool) |pool| pool.deinit();
+        t.gpa.free(t.w2_scales);
         t.state.deinit(t.gpa);
         t.gpa.free(t.layers);
         t.* = undefined;
@@ -337,8 +367,12 @@ pub const Transformer = struct {
     }
 
     /// int8 models quantize each matmul input once; all rows and threads share it.
+    /// Groups of gcd(len, group size): the group size itself, but for w2's
+    /// input when its groups straddle rows (splitStraddledGroups).
     fn quantizeInput(t: *Transformer, x: []const f32) void {
-        if (t.group_size != 0) quantize(t.state.xq[0..x.len], t.state.xs[0 .. x.len / t.group_size], x, t.group_size);
+        if (t.group_size == 0) return;
+        const g = std.math.gcd(x.len, t.group_size);
+        quantize(t.state.xq[0..x.len], t.state.xs[0 .. x.len / g], x, g);
     }
 
     fn parallel(t: *Transformer, step: Step, comptime job: Job) void {
@@ -350,7 +384,7 @@ pub const Transformer = struct {
     fn matmul(t: *Transformer, out: []f32, m: Matrix, in: []const f32, lo: usize, hi: usize) void {
         switch (m) {
             .f32 => |w| matmulF32(out, in, w, lo, hi),
-            .q8 => |w| matmulQ8(out, t.state.xq[0..in.len], t.state.xs[0 .. in.len / t.group_size], w.q, w.s, t.group_size, lo, hi),
+            .q8 => |w| matmulQ8(out, t.state.xq[0..in.len], t.state.xs[0 .. in.len / w.gs], w.q, w.s, w.gs, lo, hi),
         }
     }
 };

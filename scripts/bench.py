@@ -42,7 +42,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from bench_run import SHAPES, stream_bandwidth, write_tokenizer, write_v1, write_v2  # noqa: E402
+from bench_run import (  # noqa: E402
+    SHAPES,
+    model_path,
+    stream_bandwidth,
+    weight_bytes,
+    write_tokenizer,
+    write_v1,
+    write_v2,
+)
 
 CACHE = ROOT / "bench_cache"
 RESULTS = ROOT / "results"
@@ -196,7 +204,7 @@ def models(shape, gguf=True) -> dict:
         write_tokenizer(tok, cfg[5])
     files = {"tok": tok}
     for prec, (version, _gtype) in PRECISIONS.items():
-        path = CACHE / f"{shape}_v{version}.bin"
+        path = model_path(shape, version)
         if not path.exists():
             (write_v1 if version == 1 else write_v2)(path, cfg)
         files[prec] = path
@@ -221,10 +229,7 @@ def bytes_per_token(shape, prec, steps, gguf=False) -> float:
     elif gguf:
         w = numel * 34 / 32  # llama.cpp's q8_0: 32 int8 + an fp16 scale
     else:
-        gs = 64
-        while D % gs or H % gs:
-            gs //= 2
-        w = numel + 4 * numel / gs
+        w = weight_bytes(SHAPES[shape], 2)
     norms = 4 * (2 * L + 1) * D
     kv = 2 * L * kvD * 4 * (min(steps, S) / 2)  # fp32 keys and values of the positions so far, on average
     return w + norms + kv
@@ -237,7 +242,7 @@ def bytes_per_token(shape, prec, steps, gguf=False) -> float:
 def time_ours(exe, files, prec, threads, steps, seed) -> float | None:
     p = subprocess.run([exe, str(files[prec]), "-z", str(files["tok"]), "-n", str(steps), "-s", str(seed),
                         "-t", "1", "-p", "1"], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                       capture_output=True, text=True, timeout=900)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace", timeout=900)
     m = re.search(r"achieved tok/s: ([0-9.]+)", p.stderr)
     if p.returncode or not m or float(m.group(1)) <= 0:
         return None

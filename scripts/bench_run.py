@@ -24,6 +24,7 @@ C runtime's tests, so they have no dependency on export.py.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import statistics
@@ -59,9 +60,9 @@ SHAPES = {  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_le
 
 
 def group_size_for(dim: int, hidden: int) -> int:
-    """Largest of 64, 32, 16, ... dividing dim and hidden_dim (as export.py picks it)."""
+    """Largest of 64, 32, 16, ... dividing dim, with hidden % min(gs, 32) == 0 (as export.py picks it)."""
     gs = 64
-    while dim % gs or hidden % gs:
+    while dim % gs or hidden % min(gs, 32):
         gs //= 2
     return gs
 
@@ -128,6 +129,12 @@ def quantize(w, gs):
     return q, scale
 
 
+def model_path(shape, version):
+    """bench_cache/ file of a preset shape's random model (the group size in an int8 file's name)."""
+    cfg = SHAPES[shape]
+    return CACHE / (f"{shape}_v1.bin" if version == 1 else f"{shape}_v2_gs{group_size_for(cfg[0], cfg[1])}.bin")
+
+
 def write_v2(path, cfg, seed=0, shared=True, gs=None):
     """int8 Q8_0 model.bin version 2 with random weights (group size as export.py picks it)."""
     D, H = cfg[0], cfg[1]
@@ -171,7 +178,8 @@ def weight_bytes(cfg, version):
     if version == 1:
         return 4 * numel
     gs = group_size_for(D, H)
-    return numel + 4 * numel // gs
+    w2 = L * D * H  # when its groups straddle rows, run.c reads a scale per gcd(H, gs) values
+    return numel + 4 * (numel - w2) // gs + 4 * w2 // math.gcd(H, gs)
 
 
 STREAM_C = r"""
@@ -280,7 +288,7 @@ def tok_per_s(model, tok, threads, runs, steps, topp, exe=None):
             break
         p = subprocess.run([str(exe or ROOT / "run"), str(model), "-z", str(tok), "-n", str(steps), "-s", str(r + 1),
                             "-p", str(topp)], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                           capture_output=True, text=True, check=True)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace", check=True)
         v = float(re.search(r"achieved tok/s: ([0-9.]+)", p.stderr).group(1))
         if v > 0:
             vals.append(v)
@@ -327,7 +335,7 @@ def main():
         for version, prec in ((1, "fp32"), (2, "int8")):
             if prec not in args.precisions.split(","):
                 continue
-            path = CACHE / f"{shape}_v{version}.bin"
+            path = model_path(shape, version)
             if not path.exists():
                 print(f"writing {path} ...", file=sys.stderr)
                 (write_v1 if version == 1 else write_v2)(path, cfg)

@@ -122,19 +122,27 @@ def test_v2_round_trip_within_quantization_error(tmp_path, untied):
     assert 0 < diff < bound
 
 
-def test_v2_group_size_divides_hidden_dim_too(tmp_path, capsys):
-    # llama2.c only checks dim (64 -> group 64); hidden_dim 96 needs 32 so no group straddles two rows.
+def test_v2_group_size_may_straddle_w2_rows_in_halves(tmp_path, capsys):
+    # groups run over the flattened tensor: with hidden_dim 96 a group of 64 straddles two rows
+    # of w2 (96 = 1.5 x 64), which run.c handles in halves of 32; 172 would need quarters of 4.
     model = random_model(dim=64, hidden_dim=96, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=32)
-    assert export.pick_group_size(64, 96) == 32
-    assert export.pick_group_size(512, 1376) == 32  # the 42M shape
+    assert export.pick_group_size(64, 96) == 64
+    assert export.pick_group_size(512, 1376) == 64  # the 42M shape, as llama2.c picks it
+    assert export.pick_group_size(64, 172) == 4  # the stories260K shape
     assert export.pick_group_size(288, 768) == 32 and export.pick_group_size(768, 2048) == 64
     path = tmp_path / "m.bin"
     export.write_v2(model, path)
-    assert struct.unpack_from("<i", path.read_bytes(), 37)[0] == 32
+    assert struct.unpack_from("<i", path.read_bytes(), 37)[0] == 64
+    # a straddling group dequantizes with one scale across the row end
+    args, sd, info = export.read_model_bin(path)
+    w2 = model.layers[0].feed_forward.w2.weight.detach().numpy()
+    group = w2.reshape(-1)[64:128]  # row 0's last 32 values and row 1's first 32
+    assert np.allclose(sd["layers.0.feed_forward.w2.weight"].numpy().reshape(-1)[64:128], group,
+                       atol=np.abs(group).max() / 127)
     export.write_v2(model, path, group_size=16)
     assert export.read_model_bin(path)[2]["group_size"] == 16
-    with pytest.raises(ValueError, match="group size 64"):
-        export.write_v2(model, path, group_size=64)
+    with pytest.raises(ValueError, match="group size 48"):
+        export.write_v2(model, path, group_size=48)
     assert export.read_model_bin(path)[2]["group_size"] == 16  # the failed export left the old file alone
 
 

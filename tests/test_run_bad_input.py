@@ -23,7 +23,7 @@ def files(tmp_path_factory):
     write_v0(d / "v0.bin", TINY)
     write_v0(d / "v0u.bin", TINY, shared=False)
     write_v1(d / "v1.bin", TINY)
-    write_v2(d / "v2.bin", TINY)  # group size 32 (dim 64, hidden 160)
+    write_v2(d / "v2.bin", TINY)  # group size 64 (dim 64, hidden 160: w2 straddles in halves)
     write_tokenizer(d / "tok.bin", TINY[5])
     write_tokenizer(d / "tok600.bin", 600)
     return d

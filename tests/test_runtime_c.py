@@ -10,6 +10,7 @@ while C fp32 on the same dequantised weights matches torch to 2e-6), and greedy
 top-1 agreement must be >= 99%.
 """
 
+import math
 import os
 import random
 import struct
@@ -80,7 +81,7 @@ def q8_reference(model, ids, gs, quantize_activations=True):
     hs = a.dim // a.n_heads
     cos, sin = model.rope_cos.numpy(), model.rope_sin.numpy()
 
-    def qa(x):
+    def qa(x, gs=gs):
         if not quantize_activations:
             return x
         g = x.reshape(-1, gs)
@@ -116,7 +117,8 @@ def q8_reference(model, ids, gs, quantize_activations=True):
             x = x + w["attention.wo.weight"] @ qa(np.concatenate(o))
             xb = qa(rms(x, w["ffn_norm.weight"]))
             h1, h3 = w["feed_forward.w1.weight"] @ xb, w["feed_forward.w3.weight"] @ xb
-            x = x + w["feed_forward.w2.weight"] @ qa(h1 / (1 + np.exp(-h1)) * h3)
+            # w2's groups may straddle its rows; run.c splits them at the row ends
+            x = x + w["feed_forward.w2.weight"] @ qa(h1 / (1 + np.exp(-h1)) * h3, math.gcd(a.hidden_dim, gs))
         outs.append(sd["output.weight"] @ qa(rms(x, sd["norm.weight"])))
     return np.array(outs)
 
@@ -222,9 +224,12 @@ def test_random_15m_shape_fp32(rt, tmp_path):
     assert rel_err(c_logits(m, ids[:48]), torch_logits(ref, ids[:48])) < 1e-4
 
 
-@pytest.mark.parametrize("dim,hidden,gs", [(128, 384, 64), (64, 160, 32), (64, 176, 16), (128, 256, 128)])
+@pytest.mark.parametrize("dim,hidden,gs", [(128, 384, 64), (64, 160, 32), (64, 176, 16), (128, 256, 128),
+                                            (128, 352, 64), (64, 172, 64), (128, 320, 128)])
 def test_random_int8_group_sizes(rt, tmp_path, dim, hidden, gs):
-    """Each kernel: gs % 64 == 0 (VNNI), gs 32 with a half-vector tail (VNNI), others (portable)."""
+    """Each kernel: gs % 64 == 0 (VNNI), gs 32 with a half-vector tail (VNNI), others (portable);
+    groups that straddle w2's rows (hidden % gs != 0): in halves of 32 (the 42M shape, 1376 with
+    64), quarters of 4 (172 with 64, as llama2.c exports stories260K), and 64 of 128."""
     import export
     from model import ModelArgs
 
@@ -235,8 +240,14 @@ def test_random_int8_group_sizes(rt, tmp_path, dim, hidden, gs):
     m = rt.Model(tmp_path / "q.bin")
     assert m.group_size == gs
     ids = m.generate(steps=100, temperature=0, stop_at_bos=False)
+    c = c_logits(m, ids[:100])
+    # the same int8 computation in numpy (float64): equal at most positions; at a few (measured:
+    # 2 of 20 with gs 16) one activation lies on a rounding boundary and goes the other way (~2e-3)
+    exact = q8_reference(deq, ids[:20], gs)
+    errs = [rel_err(c[p:p + 1], exact[p:p + 1]) for p in range(20)]
+    assert np.median(errs) < 1e-5 and max(errs) < 1e-2, errs
     ref_logits = torch_logits(deq, ids[:100])
-    assert rel_err(c_logits(m, ids[:100]), ref_logits) < 5e-2
+    assert rel_err(c, ref_logits) < 5e-2
     assert np.mean(ref_logits.argmax(-1) == np.array(ids[1:101])) >= 0.95
 
 

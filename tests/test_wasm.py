@@ -63,9 +63,10 @@ def test_stories260k_greedy_ids_match_c(module, tmp_path):
     assert err.startswith(b"achieved tok/s: ")
 
 
-@pytest.mark.parametrize("name,version,gs,args", [m for m in RANDOM_MODELS if m[0] in ("v1_gqa", "v2_hidden_96_gs32",
-                                                                                      "v2_gs8")],
-                         ids=["v1_gqa", "v2_hidden_96_gs32", "v2_gs8"])
+WASI_MODELS = ("v1_gqa", "v2_hidden_96_gs32", "v2_gs8", "v2_straddle_gs64")
+
+
+@pytest.mark.parametrize("name,version,gs,args", [m for m in RANDOM_MODELS if m[0] in WASI_MODELS], ids=WASI_MODELS)
 def test_random_models_greedy_ids_match_c(module, tmp_path, name, version, gs, args):
     random_model(tmp_path / "m.bin", version, group_size=gs, **args)
     write_id_tokenizer(tmp_path / "t.bin", args["vocab_size"])

@@ -84,4 +84,9 @@ RANDOM_MODELS = [
                                       hidden_dim=96)),
     ("v2_gs8", 2, 8, dict(dim=40, n_layers=2, n_heads=5, n_kv_heads=5, vocab_size=300, max_seq_len=64,
                           hidden_dim=104)),
+    # w2's groups straddle its rows: in halves (hidden 96 with 64, like 42M's 1376), in quarters of 4
+    ("v2_straddle_gs64", 2, 64, dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=96,
+                                     hidden_dim=96)),
+    ("v2_straddle_gs64_by4", 2, 64, dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512,
+                                         max_seq_len=96, hidden_dim=172)),
 ]
