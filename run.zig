@@ -551,9 +551,12 @@ fn matmulF32(out: []f32, x: []const f32, w: []const f32, lo: usize, hi: usize) v
     var r = lo;
     while (r + 4 <= hi) : (r += 4) {
         const rows = [4][]const f32{ w[r * n ..][0..n], w[(r + 1) * n ..][0..n], w[(r + 2) * n ..][0..n], w[(r + 3) * n ..][0..n] };
+        // prefetch the rows 8 ahead (within our share), as run.c: more DRAM bandwidth per core
+        const ahead = w[(if (r + 12 <= hi) r + 8 else r) * n ..][0 .. 4 * n];
         var acc: [4]F32s = @splat(@splat(0));
         var j: usize = 0;
         while (j < nv) : (j += f32_lanes) {
+            if (j % 16 == 0) inline for (0..4) |k| @prefetch(ahead[k * n + j ..].ptr, .{});
             const xv = load(x, j);
             inline for (&acc, rows) |*a, row| a.* = mulAdd(load(row, j), xv, a.*);
         }
@@ -592,13 +595,59 @@ inline fn pairSums(p: I16s) I32s {
     return even + odd;
 }
 
+const has_vnni = builtin.cpu.arch == .x86_64 and
+    std.Target.x86.featureSetHas(builtin.cpu.features, .avx512vnni) and
+    std.Target.x86.featureSetHas(builtin.cpu.features, .avx512vl);
+const I8x32 = @Vector(32, i8);
+const I32x8 = @Vector(8, i32);
+const F32x8 = @Vector(8, f32);
+/// AVX-512 VNNI's vpdpbusd (256-bit form): each i32 lane of acc gains the sum
+/// of four products of an unsigned byte of a and a signed byte of b.
+extern fn @"llvm.x86.avx512.vpdpbusd.256"(acc: I32x8, a: I32x8, b: I32x8) I32x8;
+
+/// The int8 kernel where the CPU has VNNI: fours of rows (returns the first
+/// row not done). |x| is the unsigned side and x's sign moves onto w; rows are
+/// prefetched 16 ahead, as run.c does.
+fn matmulQ8Vnni(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) usize {
+    const n = xq.len;
+    const ng = n / gs;
+    const zero: I8x32 = @splat(0);
+    var r = lo;
+    while (r + 4 <= hi) : (r += 4) {
+        const ahead = wq[(if (r + 20 <= hi) r + 16 else r) * n ..][0 .. 4 * n];
+        var acc: [4]F32x8 = @splat(@splat(0));
+        for (0..ng) |g| {
+            var dots: [4]I32x8 = @splat(@splat(0));
+            var j = g * gs;
+            while (j < (g + 1) * gs) : (j += 32) {
+                if (j % 64 == 0) inline for (0..4) |k| @prefetch(ahead[k * n + j ..].ptr, .{});
+                const xv: I8x32 = xq[j..][0..32].*;
+                const ax: I32x8 = @bitCast(@abs(xv));
+                const neg = xv < zero;
+                inline for (&dots, 0..) |*d, k| {
+                    const wv: I8x32 = wq[(r + k) * n + j ..][0..32].*;
+                    d.* = @"llvm.x86.avx512.vpdpbusd.256"(d.*, ax, @bitCast(@select(i8, neg, zero -% wv, wv)));
+                }
+            }
+            inline for (&acc, dots, 0..) |*a, d, k| {
+                const s: F32x8 = @splat(ws[(r + k) * ng + g] * xs[g]);
+                a.* = @mulAdd(F32x8, @floatFromInt(d), s, a.*);
+            }
+        }
+        inline for (acc, 0..) |a, k| out[r + k] = @reduce(.Add, a);
+    }
+    return r;
+}
+
 /// int8 rows [lo, hi) of out = W x with x already quantized to (xq, xs):
 /// exact integer dot products per group, scaled in fp32.
 fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) void {
     const n = xq.len;
     const ng = n / gs;
     var r = lo;
-    if (gs % i8_lanes == 0) {
+    if (has_vnni and gs % 32 == 0) {
+        r = matmulQ8Vnni(out, xq, xs, wq, ws, gs, lo, hi);
+    } else if (gs % i8_lanes == 0) {
         while (r + 4 <= hi) : (r += 4) {
             var acc: [4]F32s = @splat(@splat(0));
             for (0..ng) |g| {
@@ -1319,6 +1368,16 @@ const MappedFile = struct {
     }
 };
 
+/// The model copied into anonymous memory, on huge pages where Linux gives
+/// them: the matmuls stream it ~20% faster than the page cache's scattered
+/// 4 KiB pages (as run.c measured). Without memory for a copy: the mapping.
+fn anonymousCopy(file: []const u8) []const u8 {
+    const copy = std.heap.page_allocator.alignedAlloc(u8, .fromByteUnits(std.heap.page_size_min), file.len) catch return file;
+    if (builtin.os.tag == .linux) _ = std.os.linux.madvise(copy.ptr, copy.len, std.os.linux.MADV.HUGEPAGE);
+    @memcpy(copy, file);
+    return copy;
+}
+
 fn readTokenizer(gpa: Allocator, io: Io, path: []const u8, vocab_size: usize, diag: *Diagnostic) Error!Tokenizer {
     const data = Io.Dir.cwd().readFileAlloc(io, path, gpa, .unlimited) catch |err| switch (err) {
         error.OutOfMemory => return error.OutOfMemory,
@@ -1391,7 +1450,9 @@ fn cli(init: std.process.Init, diag: *Diagnostic) !void {
 
     var mapped = try MappedFile.open(io, o.model_path, diag);
     defer mapped.close(io);
-    var t = try Transformer.init(gpa, mapped.map.memory, o.model_path, diag);
+    const weights = anonymousCopy(mapped.map.memory);
+    defer if (weights.ptr != mapped.map.memory.ptr) std.heap.page_allocator.free(weights);
+    var t = try Transformer.init(gpa, weights, o.model_path, diag);
     defer t.deinit();
     const seq_len = t.config.seq_len;
     var steps: usize = seq_len;

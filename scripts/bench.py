@@ -75,9 +75,13 @@ BUILDS = [
     ("zig-O3-fast-native", "zig", "-O3 -ffast-math -march=native"),
     ("zig-x86_64-musl-static", "zig", "-target x86_64-linux-musl -static -O3 -ffast-math"),
     ("zig-aarch64-musl-static", "zig", "-target aarch64-linux-musl -static -O3 -ffast-math"),
+    # the Zig port (run.zig, `make runzig`: threads as OMP_NUM_THREADS) and its WASI build (`make wasm`)
+    # under wasmtime, in-process from Python, 1 thread
+    ("run.zig", "zig-port", "-O ReleaseFast"),
+    ("run.wasm-wasmtime", "wasm", "-O ReleaseFast -mcpu=generic+simd128 -target wasm32-wasi"),
 ]
 QUICK_BUILDS = ["gcc-O3", "gcc-Ofast-native-omp", "clang-Ofast-native-omp", "zig-O3-fast-native",
-                "zig-x86_64-musl-static", "zig-aarch64-musl-static"]
+                "zig-x86_64-musl-static", "zig-aarch64-musl-static", "run.zig", "run.wasm-wasmtime"]
 PRECISIONS = {"fp32": (1, "f32"), "int8": (2, "q8_0")}  # ours: model.bin version; llama.cpp: GGUF type
 
 # What each flag does, for the notes; the measured effect is appended from the run.
@@ -101,6 +105,10 @@ FLAG_NOTES = [
      "zig cc is clang (a newer LLVM) with its own libc headers; no OpenMP"),
     ("static musl, generic x86-64", "zig-O3", "zig-x86_64-musl-static",
      "a portable static binary: baseline x86-64 (SSE2) code, musl's libm and malloc"),
+    ("Zig port vs C", "gcc-Ofast-native-omp", "run.zig",
+     "run.zig, @Vector SIMD for the host CPU (LLVM), std.Thread workers; no VNNI intrinsics"),
+    ("WebAssembly vs native C", "gcc-Ofast-native-omp", "run.wasm-wasmtime",
+     "run.zig built for wasm32-wasi with SIMD128 (128-bit vectors), JIT-compiled by wasmtime"),
 ]
 
 
@@ -174,14 +182,22 @@ def machine() -> dict:
 
 
 def build(name, compiler, flags) -> dict:
-    """Compile run.c (stripped: -s) into bench_cache/bin, cached by source and command. Returns a record."""
-    src = ROOT / "run.c"
-    cc = {"gcc": ["gcc"], "clang": ["clang"], "zig": ZIG}[compiler]
+    """Compile run.c (stripped: -s) or run.zig (-fstrip) into bench_cache/bin, cached by source and command.
+    Returns a record."""
+    port = compiler in ("zig-port", "wasm")
+    src = ROOT / ("run.zig" if port else "run.c")
     key = hashlib.sha1(src.read_bytes() + f"{compiler} {flags}".encode()).hexdigest()[:10]
     exe = CACHE / "bin" / f"{name}-{key}"
-    cmd = [*cc, *flags.split(), "-s", "-o", str(exe), str(src), "-lm"]
-    rec = {"name": name, "compiler": compiler, "flags": flags, "path": str(exe), "openmp": "-fopenmp" in flags,
-           "native": "-target" not in flags, "cmd": " ".join(["zig cc" if cc == ZIG else cc[0], *cmd[len(cc):]])}
+    if port:
+        cc = ZIG[:-1]  # python -m ziglang
+        cmd = [*cc, "build-exe", *flags.split(), "-fstrip", str(src), f"-femit-bin={exe}"]
+    else:
+        cc = {"gcc": ["gcc"], "clang": ["clang"], "zig": ZIG}[compiler]
+        cmd = [*cc, *flags.split(), "-s", "-o", str(exe), str(src), "-lm"]
+    rec = {"name": name, "compiler": compiler, "flags": flags, "path": str(exe),
+           "openmp": "-fopenmp" in flags or compiler == "zig-port", "wasm": compiler == "wasm",
+           "native": "-target" not in flags or compiler == "wasm",
+           "cmd": " ".join(["zig" if port else "zig cc" if cc == ZIG else cc[0], *cmd[len(cc):]])}
     if not exe.exists():
         exe.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -237,6 +253,38 @@ def bytes_per_token(shape, prec, steps, gguf=False) -> float:
 
 # -----------------------------------------------------------------------------
 # timing
+
+
+_wasm_modules = {}
+
+
+def time_wasm(module_path, files, prec, steps, seed) -> float | None:
+    """run.wasm under wasmtime (in this process; 1 thread), the same arguments as time_ours."""
+    try:
+        import wasmtime
+    except ImportError:
+        return None
+    if module_path not in _wasm_modules:
+        engine = wasmtime.Engine()
+        _wasm_modules[module_path] = (engine, wasmtime.Module.from_file(engine, module_path))
+    engine, module = _wasm_modules[module_path]
+    model, tok = Path(files[prec]), Path(files["tok"])
+    store = wasmtime.Store(engine)
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    cfg = wasmtime.WasiConfig()
+    cfg.argv = ["run", model.name, "-z", tok.name, "-n", str(steps), "-s", str(seed), "-t", "1", "-p", "1"]
+    cfg.preopen_dir(str(model.parent), ".")  # the models and the tokenizer share bench_cache/
+    err = CACHE / "wasi.stderr"
+    cfg.stdout_file, cfg.stderr_file = os.devnull, str(err)
+    store.set_wasi(cfg)
+    try:
+        linker.instantiate(store, module).exports(store)["_start"](store)
+    except wasmtime.ExitTrap as e:
+        if e.code:
+            return None
+    m = re.search(r"achieved tok/s: ([0-9.]+)", err.read_text(errors="replace"))
+    return float(m.group(1)) if m and float(m.group(1)) > 0 else None
 
 
 def time_ours(exe, files, prec, threads, steps, seed) -> float | None:
@@ -533,7 +581,10 @@ def main(argv=None) -> int:
             for r in range(args.runs):
                 for b in bs:
                     bar.set_postfix_str(f"{k} {b['name']}")
-                    v = time_ours(b["path"], files[shape], prec, t, args.steps, seed=r + 1)
+                    if b["wasm"]:
+                        v = time_wasm(b["path"], files[shape], prec, args.steps, seed=r + 1)
+                    else:
+                        v = time_ours(b["path"], files[shape], prec, t, args.steps, seed=r + 1)
                     raw_ours.setdefault(b["name"], {}).setdefault(k, []).append(v)
                     bar.update()
                 if llama:
