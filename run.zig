@@ -1344,38 +1344,31 @@ fn parseInteger(flag: []const u8, v: []const u8, diag: *Diagnostic) Error!i64 {
         diag.fail(error.BadInput, "{s}: expected an integer, got '{s}'", .{ flag, v });
 }
 
-/// A model file mapped into memory for as long as the Transformer needs it.
-const MappedFile = struct {
-    file: Io.File,
-    map: Io.File.MemoryMap,
-
-    fn open(io: Io, path: []const u8, diag: *Diagnostic) Error!MappedFile {
-        const file = Io.Dir.cwd().openFile(io, path, .{}) catch |err|
-            return diag.fail(error.BadModel, "{s}: cannot open: {s}", .{ path, @errorName(err) });
-        errdefer file.close(io);
-        const stat = file.stat(io) catch |err| return diag.fail(error.BadModel, "{s}: cannot stat: {s}", .{ path, @errorName(err) });
-        if (stat.kind != .file) return diag.fail(error.BadModel, "{s}: not a regular file", .{path});
-        if (stat.size == 0) return diag.fail(error.BadModel, "{s}: file is empty", .{path});
-        const len = std.math.cast(usize, stat.size) orelse return diag.fail(error.BadModel, "{s}: too big to map", .{path});
-        const map = file.createMemoryMap(io, .{ .len = len, .protection = .{ .read = true, .write = false } }) catch |err|
-            return diag.fail(error.BadModel, "{s}: mmap failed: {s}", .{ path, @errorName(err) });
-        return .{ .file = file, .map = map };
+/// The model file read into anonymous memory, on huge pages where Linux gives
+/// them: the matmuls stream that ~20% faster than a mapping of the page
+/// cache's scattered 4 KiB pages (as run.c measured), and WASI cannot map
+/// big files.
+fn readModel(io: Io, path: []const u8, diag: *Diagnostic) Error![]align(std.heap.page_size_min) u8 {
+    const file = Io.Dir.cwd().openFile(io, path, .{}) catch |err|
+        return diag.fail(error.BadModel, "{s}: cannot open: {s}", .{ path, @errorName(err) });
+    defer file.close(io);
+    const stat = file.stat(io) catch |err| return diag.fail(error.BadModel, "{s}: cannot stat: {s}", .{ path, @errorName(err) });
+    if (stat.kind != .file) return diag.fail(error.BadModel, "{s}: not a regular file", .{path});
+    if (stat.size == 0) return diag.fail(error.BadModel, "{s}: file is empty", .{path});
+    const len = std.math.cast(usize, stat.size) orelse return diag.fail(error.BadModel, "{s}: too big to load", .{path});
+    const buf = std.heap.page_allocator.alignedAlloc(u8, .fromByteUnits(std.heap.page_size_min), len) catch
+        return diag.fail(error.OutOfMemory, "{s}: out of memory for its {d} bytes", .{ path, len });
+    errdefer std.heap.page_allocator.free(buf);
+    if (builtin.os.tag == .linux) _ = std.os.linux.madvise(buf.ptr, buf.len, std.os.linux.MADV.HUGEPAGE);
+    var done: usize = 0;
+    while (done < len) { // in pieces: wasmtime's WASI refuses one read of a few hundred MB
+        const piece = buf[done..@min(len, done + (16 << 20))];
+        const got = file.readPositionalAll(io, piece, done) catch |err|
+            return diag.fail(error.BadModel, "{s}: read failed: {s}", .{ path, @errorName(err) });
+        if (got != piece.len) return diag.fail(error.BadModel, "{s}: file shrank while being read", .{path});
+        done += got;
     }
-
-    fn close(m: *MappedFile, io: Io) void {
-        m.map.destroy(io);
-        m.file.close(io);
-    }
-};
-
-/// The model copied into anonymous memory, on huge pages where Linux gives
-/// them: the matmuls stream it ~20% faster than the page cache's scattered
-/// 4 KiB pages (as run.c measured). Without memory for a copy: the mapping.
-fn anonymousCopy(file: []const u8) []const u8 {
-    const copy = std.heap.page_allocator.alignedAlloc(u8, .fromByteUnits(std.heap.page_size_min), file.len) catch return file;
-    if (builtin.os.tag == .linux) _ = std.os.linux.madvise(copy.ptr, copy.len, std.os.linux.MADV.HUGEPAGE);
-    @memcpy(copy, file);
-    return copy;
+    return buf;
 }
 
 fn readTokenizer(gpa: Allocator, io: Io, path: []const u8, vocab_size: usize, diag: *Diagnostic) Error!Tokenizer {
@@ -1448,10 +1441,8 @@ fn cli(init: std.process.Init, diag: *Diagnostic) !void {
     const o = try parseOptions(args, diag);
     const seed = o.seed orelse @as(u64, @intCast(@max(0, @divFloor(Io.Timestamp.now(io, .real).nanoseconds, std.time.ns_per_s))));
 
-    var mapped = try MappedFile.open(io, o.model_path, diag);
-    defer mapped.close(io);
-    const weights = anonymousCopy(mapped.map.memory);
-    defer if (weights.ptr != mapped.map.memory.ptr) std.heap.page_allocator.free(weights);
+    const weights = try readModel(io, o.model_path, diag);
+    defer std.heap.page_allocator.free(weights);
     var t = try Transformer.init(gpa, weights, o.model_path, diag);
     defer t.deinit();
     const seq_len = t.config.seq_len;
