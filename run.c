@@ -31,11 +31,13 @@ static int omp_get_num_threads(void) { return 1; }
 static int omp_get_max_threads(void) { return 1; }
 #endif
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define HAVE_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define HAVE_AVX2 1 /* AMD Zen, Intel before AVX-512: kernels of their own */
 #endif
 
 /* ------------------------------------------------------------------ utilities */
@@ -83,6 +85,7 @@ typedef struct {
     const int8_t *q;
     const float *s;
     int gs;
+    int rows_per_pass; /* int8 on AVX2: 4 rows share each x load, or 1 row streams (see matmul_q8) */
 } Mat;
 
 typedef struct {
@@ -246,6 +249,18 @@ static int straddled_w2_scales(Transformer *t) {
     return 0;
 }
 
+/* Size of the last-level cache (L3) as the kernel reports it in sysfs (what
+ * lscpu prints), 0 where it cannot tell. Not sysconf: under a hypervisor glibc
+ * reported 256 MiB for a 32 MiB L3. */
+static long last_level_cache_bytes(void) {
+    FILE *f = fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r");
+    if (!f) return 0;
+    long kb = 0;
+    if (fscanf(f, "%ldK", &kb) != 1) kb = 0;
+    fclose(f);
+    return kb * 1024;
+}
+
 /* Parse a model held in memory (the mapped file, or a fuzzer's buffer). */
 static int parse_model(Transformer *t, const unsigned char *data, size_t size, const char *name) {
     memset(&t->w, 0, sizeof t->w);
@@ -361,6 +376,16 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
             return -1;
         }
         bad |= r;
+        if (!bad) { /* int8 kernel shape for AVX2: measured on an AMD EPYC (Zen 3), four
+                     * rows at once are ~15% faster when the weights stay in the last-level
+                     * cache, and one row at a time ~50% faster when they stream from DRAM */
+            int rpp = (double)size <= 0.9 * last_level_cache_bytes() ? 4 : 1;
+            const char *force = getenv("RUN_Q8_ROWS"); /* 1 or 4: for tests and benchmarks */
+            if (force && (atoi(force) == 1 || atoi(force) == 4)) rpp = atoi(force);
+            w->emb.rows_per_pass = w->cls.rows_per_pass = rpp;
+            for (int k = 0; k < 7; k++)
+                for (int l = 0; l < L; l++) mats[k][l].rows_per_pass = rpp;
+        }
         if (!bad && H % gs && straddled_w2_scales(t) < 0) {
             set_err("%s: out of memory", name);
             free(w->wq); w->wq = NULL;
@@ -493,6 +518,49 @@ static void quantize(int8_t *q, float *s, const float *x, int n, int gs) {
     }
 }
 
+#ifdef HAVE_AVX2
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* int8 dot products with AVX2 for group sizes that are multiples of 32, R rows
+ * sharing each load of x. pmaddubsw multiplies unsigned by signed bytes, so
+ * |x| is the unsigned side and x's sign moves onto w (sign_epi8); its pair
+ * sums stay below 2 * 127 * 127 < 32767, so they never saturate. */
+static inline __attribute__((always_inline)) void
+q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
+            int n, int gs, int r, const int R, const int8_t *pf) {
+    const int ng = n / gs;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *w[4];
+    const float *sc[4];
+    __m256 acc[4];
+    for (int k = 0; k < R; k++) {
+        w[k] = wq + (size_t)(r + k) * n;
+        sc[k] = ws + (size_t)(r + k) * ng;
+        acc[k] = _mm256_setzero_ps();
+    }
+    for (int g = 0, j = 0; g < ng; g++) {
+        __m256i d[4];
+        for (int k = 0; k < R; k++) d[k] = _mm256_setzero_si256();
+        for (const int end = j + gs; j < end; j += 32) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j));
+            __m256i ax = _mm256_sign_epi8(xv, xv);
+            for (int k = 0; k < R; k++) {
+                _mm_prefetch((const char *)(pf + (size_t)k * n + j), _MM_HINT_T0);
+                __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(w[k] + j)), xv));
+                d[k] = _mm256_add_epi32(d[k], _mm256_madd_epi16(p, ones));
+            }
+        }
+        for (int k = 0; k < R; k++)
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[k]), _mm256_set1_ps(sc[k][g] * xs[g]), acc[k]);
+    }
+    for (int k = 0; k < R; k++) out[r + k] = hsum256(acc[k]);
+}
+#endif
+
 /* fp32 rows [r0, r1) of out = W x, W is (rows × n). Four rows per pass reuse
  * each load of x; the loop is memory-bound, so this is about streaming W. */
 static void matmul_f32(float *out, const float *x, const float *w, int n, int r0, int r1) {
@@ -525,6 +593,25 @@ static void matmul_f32(float *out, const float *x, const float *w, int n, int r0
         out[r + 1] = _mm512_reduce_add_ps(a1);
         out[r + 2] = _mm512_reduce_add_ps(a2);
         out[r + 3] = _mm512_reduce_add_ps(a3);
+    }
+#elif defined(HAVE_AVX2)
+    /* One row at a time, four accumulators, two cache lines per pass: a single
+     * ascending stream, which the hardware prefetcher follows best. Measured
+     * on an AMD EPYC (Zen 3): ~1.3x the bandwidth of four interleaved rows
+     * with software prefetch, which is what pays on AVX-512 Intel above. */
+    const int nv = n & ~31;
+    for (; r < r1; r++) {
+        const float *wr = w + (size_t)r * n;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < nv; j += 32) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + j), _mm256_loadu_ps(x + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + j + 8), _mm256_loadu_ps(x + j + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + j + 16), _mm256_loadu_ps(x + j + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(wr + j + 24), _mm256_loadu_ps(x + j + 24), a3);
+        }
+        float sum = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        for (int j = nv; j < n; j++) sum += wr[j] * x[j];
+        out[r] = sum;
     }
 #endif
     for (; r < r1; r++) {
@@ -629,6 +716,14 @@ static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Mat *
     } else if (gs == 32) {
         for (; r + 4 <= r1; r += 4) q_rows_gs32(out, xq, xs, m->q, m->s, n, r, 4, PF_ROWS(r));
         for (; r < r1; r++) q_rows_gs32(out, xq, xs, m->q, m->s, n, r, 1, PF_ROWS(r));
+    }
+#undef PF_ROWS
+#elif defined(HAVE_AVX2)
+#define PF_ROWS(r) (m->q + (size_t)((r) + 16 < r1 ? (r) + 16 : (r)) * n)
+    if (gs % 32 == 0) {
+        if (m->rows_per_pass == 4)
+            for (; r + 4 <= r1; r += 4) q_rows_avx2(out, xq, xs, m->q, m->s, n, gs, r, 4, PF_ROWS(r));
+        for (; r < r1; r++) q_rows_avx2(out, xq, xs, m->q, m->s, n, gs, r, 1, PF_ROWS(r));
     }
 #undef PF_ROWS
 #endif

@@ -149,6 +149,7 @@ pub const Transformer = struct {
     layers: []Layer,
     state: State,
     pool: ?*Pool = null,
+    q8_rows_per_pass: usize = 4, // the AVX2 int8 kernel's shape: see q8RowsPerPass
     gpa: Allocator,
 
     /// Point the weights into `bytes` (a whole model.bin, kept alive by the
@@ -384,7 +385,7 @@ pub const Transformer = struct {
     fn matmul(t: *Transformer, out: []f32, m: Matrix, in: []const f32, lo: usize, hi: usize) void {
         switch (m) {
             .f32 => |w| matmulF32(out, in, w, lo, hi),
-            .q8 => |w| matmulQ8(out, t.state.xq[0..in.len], t.state.xs[0 .. in.len / w.gs], w.q, w.s, w.gs, lo, hi),
+            .q8 => |w| matmulQ8(out, t.state.xq[0..in.len], t.state.xs[0 .. in.len / w.gs], w.q, w.s, w.gs, lo, hi, t.q8_rows_per_pass),
         }
     }
 };
@@ -513,15 +514,53 @@ fn rmsnorm(out: []f32, x: []const f32, w: []const f32) void {
     for (out, x, w) |*o, v, g| o.* = g * (inv * v);
 }
 
+/// exp on a vector: 2^n · e^r with n = round(x / ln 2), |r| <= ln 2 / 2, and
+/// Cephes' degree-6 polynomial for e^r (about 1 ulp). LLVM would call a
+/// scalar expf per lane instead (compiler_rt; under WebAssembly too), which
+/// cost more than the matmuls in softmax over a 32000-token vocabulary.
+/// Inputs are clamped to [-87, 88]: below, e^x underflows (2^n would be
+/// subnormal; as run.c, softmax then gives ~1e-38 instead of 0).
+fn expVec(x_in: F32s) F32s {
+    const x = @min(@max(x_in, @as(F32s, @splat(-87.0))), @as(F32s, @splat(88.0)));
+    const n = @floor(x * @as(F32s, @splat(1.44269504088896341)) + @as(F32s, @splat(0.5)));
+    // r = x - n ln 2, with ln 2 in two parts so r keeps its low bits
+    var r = x - n * @as(F32s, @splat(0.693359375));
+    r = r - n * @as(F32s, @splat(-2.12194440e-4));
+    var p: F32s = @splat(1.9875691500e-4);
+    inline for (.{ 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1 }) |c|
+        p = mulAdd(p, r, @splat(c));
+    const e_r = mulAdd(p, r * r, r + @as(F32s, @splat(1.0)));
+    const two_n: F32s = @bitCast((@as(@Vector(f32_lanes, i32), @intFromFloat(n)) + @as(@Vector(f32_lanes, i32), @splat(127))) << @splat(23));
+    return e_r * two_n;
+}
+
+fn expScalar(x: f32) f32 {
+    return expVec(@splat(x))[0];
+}
+
 fn softmax(x: []f32) void {
-    const max = std.mem.max(f32, x);
-    var sum: f32 = 0;
-    for (x) |*v| {
-        v.* = @exp(v.* - max);
+    var i: usize = 0;
+    var vmax: F32s = @splat(-std.math.inf(f32));
+    while (i + f32_lanes <= x.len) : (i += f32_lanes) vmax = @max(vmax, load(x, i));
+    var max = @reduce(.Max, vmax);
+    for (x[i..]) |v| max = @max(max, v);
+    const vm: F32s = @splat(max);
+    var vsum: F32s = @splat(0);
+    i = 0;
+    while (i + f32_lanes <= x.len) : (i += f32_lanes) {
+        const e = expVec(load(x, i) - vm);
+        x[i..][0..f32_lanes].* = e;
+        vsum += e;
+    }
+    var sum = @reduce(.Add, vsum);
+    for (x[i..]) |*v| {
+        v.* = expScalar(v.* - max);
         sum += v.*;
     }
-    const inv = 1.0 / sum;
-    for (x) |*v| v.* *= inv;
+    const inv: F32s = @splat(1.0 / sum);
+    i = 0;
+    while (i + f32_lanes <= x.len) : (i += f32_lanes) x[i..][0..f32_lanes].* = load(x, i) * inv;
+    for (x[i..]) |*v| v.* *= inv[0];
 }
 
 /// Round half to even, as C's lrintf does in the default rounding mode.
@@ -543,9 +582,33 @@ fn quantize(q: []i8, scales: []f32, x: []const f32, gs: usize) void {
     }
 }
 
+/// fp32 kernel shape, measured: one row at a time (a single ascending stream
+/// for the hardware prefetcher) is faster under WebAssembly (no prefetch
+/// instruction there) and on AVX2 CPUs such as AMD Zen 3; four rows with
+/// software prefetch are faster on AVX-512 Intel, as in run.c.
+const row_at_a_time = builtin.cpu.arch.isWasm() or (builtin.cpu.arch == .x86_64 and
+    !std.Target.x86.featureSetHas(builtin.cpu.features, .avx512f));
+
+/// dot with four accumulators: a whole cache line per pass
+fn dot4(a: []const f32, b: []const f32) f32 {
+    var acc: [4]F32s = @splat(@splat(0));
+    var i: usize = 0;
+    while (i + 4 * f32_lanes <= a.len) : (i += 4 * f32_lanes) {
+        inline for (&acc, 0..) |*s, k| s.* = mulAdd(load(a, i + k * f32_lanes), load(b, i + k * f32_lanes), s.*);
+    }
+    while (i + f32_lanes <= a.len) : (i += f32_lanes) acc[0] = mulAdd(load(a, i), load(b, i), acc[0]);
+    var sum = @reduce(.Add, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+    while (i < a.len) : (i += 1) sum += a[i] * b[i];
+    return sum;
+}
+
 /// fp32 rows [lo, hi) of out = W x (W is rows × x.len). Four rows per pass
 /// share each load of x: the loop streams W, so that is what counts.
 fn matmulF32(out: []f32, x: []const f32, w: []const f32, lo: usize, hi: usize) void {
+    if (row_at_a_time) {
+        for (lo..hi) |r| out[r] = dot4(w[r * x.len ..][0..x.len], x);
+        return;
+    }
     const n = x.len;
     const nv = n - n % f32_lanes;
     var r = lo;
@@ -639,14 +702,105 @@ fn matmulQ8Vnni(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws:
     return r;
 }
 
+const has_simd128 = builtin.cpu.arch.isWasm() and
+    std.Target.wasm.featureSetHas(builtin.cpu.features, .simd128);
+const I16x8 = @Vector(8, i16);
+const I32x4 = @Vector(4, i32);
+/// WebAssembly's i32x4.dot_i16x8_s: products of i16 lanes, adjacent pairs summed.
+extern fn @"llvm.wasm.dot"(a: I16x8, b: I16x8) I32x4;
+
+inline fn loadWidened(s: []const i8, i: usize) I16x8 {
+    const v: @Vector(8, i8) = s[i..][0..8].*;
+    return v; // one i16x8.load8x8_s
+}
+
+/// The int8 kernel for WebAssembly SIMD128: int8 values eight at a time,
+/// widened as they load and multiplied with dot_i16x8 (x86's pmaddwd), four
+/// rows sharing each load of x. Returns the first row not done.
+fn matmulQ8Simd128(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) usize {
+    const n = xq.len;
+    const ng = n / gs;
+    var r = lo;
+    while (r + 4 <= hi) : (r += 4) {
+        var acc: [4]F32s = @splat(@splat(0));
+        for (0..ng) |g| {
+            var dots: [4]I32x4 = @splat(@splat(0));
+            var j = g * gs;
+            while (j < (g + 1) * gs) : (j += 16) {
+                const xa = loadWidened(xq, j);
+                const xb = loadWidened(xq, j + 8);
+                inline for (&dots, 0..) |*d, k| {
+                    const row = wq[(r + k) * n + j ..];
+                    d.* += @"llvm.wasm.dot"(xa, loadWidened(row, 0)) + @"llvm.wasm.dot"(xb, loadWidened(row, 8));
+                }
+            }
+            inline for (&acc, dots, 0..) |*a, d, k| {
+                const sc: F32s = @splat(ws[(r + k) * ng + g] * xs[g]);
+                a.* = mulAdd(@floatFromInt(d), sc, a.*);
+            }
+        }
+        inline for (acc, 0..) |a, k| out[r + k] = @reduce(.Add, a);
+    }
+    return r;
+}
+
+const has_avx2 = builtin.cpu.arch == .x86_64 and !has_vnni and
+    std.Target.x86.featureSetHas(builtin.cpu.features, .avx2);
+/// AVX2's pmaddubsw (unsigned × signed bytes, adjacent pairs summed to i16),
+/// pmaddwd (i16 × i16, pairs summed to i32) and psignb (a negated where b < 0,
+/// zeroed where b == 0).
+extern fn @"llvm.x86.avx2.pmadd.ub.sw"(a: I8x32, b: I8x32) @Vector(16, i16);
+extern fn @"llvm.x86.avx2.pmadd.wd"(a: @Vector(16, i16), b: @Vector(16, i16)) I32x8;
+extern fn @"llvm.x86.avx2.psign.b"(a: I8x32, b: I8x32) I8x32;
+
+/// The int8 kernel for AVX2 CPUs, as run.c's: `rows` rows per pass (4 share
+/// each load of x; 1 streams), |x| as the unsigned side and x's sign moved
+/// onto w; the i16 pair sums stay below 2 * 127 * 127, so never saturate.
+fn matmulQ8Avx2(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize, comptime rows: usize) usize {
+    const n = xq.len;
+    const ng = n / gs;
+    const ones: @Vector(16, i16) = @splat(1);
+    var r = lo;
+    while (r + rows <= hi) : (r += rows) {
+        const ahead = wq[(if (r + 16 + rows <= hi) r + 16 else r) * n ..][0 .. rows * n];
+        var acc: [rows]F32x8 = @splat(@splat(0));
+        var j: usize = 0;
+        for (0..ng) |g| {
+            var dots: [rows]I32x8 = @splat(@splat(0));
+            const end = j + gs;
+            while (j < end) : (j += 32) {
+                const xv: I8x32 = xq[j..][0..32].*;
+                const ax = @"llvm.x86.avx2.psign.b"(xv, xv);
+                inline for (&dots, 0..) |*d, k| {
+                    @prefetch(ahead[k * n + j ..].ptr, .{});
+                    const wv: I8x32 = wq[(r + k) * n + j ..][0..32].*;
+                    const pairs = @"llvm.x86.avx2.pmadd.ub.sw"(ax, @"llvm.x86.avx2.psign.b"(wv, xv));
+                    d.* += @"llvm.x86.avx2.pmadd.wd"(pairs, ones);
+                }
+            }
+            inline for (&acc, dots, 0..) |*a, d, k| {
+                const sc: F32x8 = @splat(ws[(r + k) * ng + g] * xs[g]);
+                a.* = @mulAdd(F32x8, @floatFromInt(d), sc, a.*);
+            }
+        }
+        inline for (acc, 0..) |a, k| out[r + k] = @reduce(.Add, a);
+    }
+    return r;
+}
+
 /// int8 rows [lo, hi) of out = W x with x already quantized to (xq, xs):
 /// exact integer dot products per group, scaled in fp32.
-fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) void {
+fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize, rows_per_pass: usize) void {
     const n = xq.len;
     const ng = n / gs;
     var r = lo;
     if (has_vnni and gs % 32 == 0) {
         r = matmulQ8Vnni(out, xq, xs, wq, ws, gs, lo, hi);
+    } else if (has_avx2 and gs % 32 == 0) {
+        if (rows_per_pass == 4) r = matmulQ8Avx2(out, xq, xs, wq, ws, gs, lo, hi, 4);
+        r = matmulQ8Avx2(out, xq, xs, wq, ws, gs, r, hi, 1);
+    } else if (has_simd128 and f32_lanes == 4 and gs % 16 == 0) {
+        r = matmulQ8Simd128(out, xq, xs, wq, ws, gs, lo, hi);
     } else if (gs % i8_lanes == 0) {
         while (r + 4 <= hi) : (r += 4) {
             var acc: [4]F32s = @splat(@splat(0));
@@ -789,7 +943,12 @@ fn feedForwardIn(st: Step, part: Part) void {
     const a, const b = part.rows(t.config.hidden_dim);
     t.matmul(s.hb, layer.w1, s.xb, a, b);
     t.matmul(s.hb2, layer.w3, s.xb, a, b);
-    for (s.hb[a..b], s.hb2[a..b]) |*h, g| h.* = h.* / (1.0 + @exp(-h.*)) * g;
+    var i = a;
+    while (i + f32_lanes <= b) : (i += f32_lanes) {
+        const h = load(s.hb, i);
+        s.hb[i..][0..f32_lanes].* = h / (@as(F32s, @splat(1.0)) + expVec(-h)) * load(s.hb2, i);
+    }
+    for (s.hb[i..b], s.hb2[i..b]) |*h, g| h.* = h.* / (1.0 + expScalar(-h.*)) * g;
 }
 
 fn feedForwardOut(st: Step, part: Part) void {
@@ -1400,6 +1559,20 @@ fn seconds(io: Io) f64 {
     return @as(f64, @floatFromInt(ns)) * 1e-9;
 }
 
+/// The AVX2 int8 kernel's rows per pass, as run.c picks it (measured on an
+/// AMD EPYC, Zen 3): 4 when the model fits in the last-level cache (sysfs's
+/// L3 size), 1 when it streams from DRAM; RUN_Q8_ROWS=1|4 overrides.
+fn q8RowsPerPass(init: std.process.Init, io: Io, model_bytes: usize) usize {
+    if (init.environ_map.get("RUN_Q8_ROWS")) |v| {
+        if (std.mem.eql(u8, v, "1")) return 1;
+        if (std.mem.eql(u8, v, "4")) return 4;
+    }
+    var buf: [32]u8 = undefined;
+    const text = Io.Dir.cwd().readFile(io, "/sys/devices/system/cpu/cpu0/cache/index3/size", &buf) catch return 1;
+    const kb = std.fmt.parseInt(usize, std.mem.trimEnd(u8, text, "K\n"), 10) catch return 1;
+    return if (@as(f64, @floatFromInt(model_bytes)) <= 0.9 * @as(f64, @floatFromInt(kb * 1024))) 4 else 1;
+}
+
 fn threadCount(init: std.process.Init) usize {
     if (builtin.single_threaded) return 1;
     if (init.environ_map.get("OMP_NUM_THREADS")) |v| {
@@ -1458,6 +1631,7 @@ fn cli(init: std.process.Init, diag: *Diagnostic) !void {
     var sampler = try Sampler.init(gpa, t.config.vocab_size, o.temperature, o.topp, seed);
     defer sampler.deinit(gpa);
     try t.useThreads(io, threadCount(init));
+    t.q8_rows_per_pass = q8RowsPerPass(init, io, weights.len);
 
     var obuf: [4096]u8 = undefined;
     var out: Output = .{ .writer = Io.File.stdout().writer(io, &obuf) };
@@ -1537,4 +1711,29 @@ fn chat(gpa: Allocator, io: Io, t: *Transformer, tok: *Tokenizer, sampler: *Samp
         }
     }
     try out.text("\n");
+}
+
+// ------------------------------------------------------------------ tests (`zig test run.zig`)
+
+test "expVec is within 2e-7 relative of std.math.exp on [-87, 88]" {
+    var worst: f64 = 0;
+    var x: f32 = -87.0;
+    while (x <= 88.0) : (x += 0.0137) {
+        const want = @exp(@as(f64, x));
+        const got: f64 = expScalar(x);
+        worst = @max(worst, @abs(got - want) / want);
+    }
+    try std.testing.expect(worst < 2e-7);
+    try std.testing.expectEqual(@as(f32, 1.0), expScalar(0));
+}
+
+test "softmax sums to one and keeps the order, on lengths that end in a partial vector" {
+    var buf: [37]f32 = undefined;
+    for (&buf, 0..) |*v, i| v.* = @as(f32, @floatFromInt(i % 11)) * 0.7 - 3.0;
+    softmax(&buf);
+    var sum: f32 = 0;
+    for (buf) |v| sum += v;
+    try std.testing.expectApproxEqAbs(@as(f32, 1.0), sum, 1e-6);
+    try std.testing.expect(buf[10] > buf[9] and buf[11] < buf[10]);
+    try std.testing.expectApproxEqRel(@exp(@as(f32, 0.7)), buf[10] / buf[9], 1e-6);
 }

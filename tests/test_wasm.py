@@ -2,6 +2,8 @@
 (the PyPI package, from Python): the same greedy ids as the C runtime, and the
 same one-line errors."""
 
+import subprocess
+
 import pytest
 from zigweb_util import (
     RANDOM_MODELS,
@@ -84,3 +86,17 @@ def test_errors_are_one_line(module, tmp_path):
         code, out, err = run_wasi(module, tmp_path, args)
         assert code == 1 and out == b"" and err.count(b"\n") == 1, err
         assert all(w in err for w in words), err
+
+
+def test_zig_unit_tests_under_wasmtime(tmp_path):
+    """run.zig's `test` blocks built for wasm32-wasi with SIMD128, run here: the
+    vector exp and softmax as the WebAssembly build compiles them."""
+    make("wasm")  # installs the compiler
+    exe = tmp_path / "test.wasm"
+    p = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "ziglang", "test", "-target", "wasm32-wasi",
+                        "-mcpu=generic+simd128", "-O", "ReleaseFast", "--test-no-exec", f"-femit-bin={exe}",
+                        "run.zig"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    engine = wasmtime.Engine()
+    code, out, err = run_wasi((engine, wasmtime.Module.from_file(engine, str(exe))), tmp_path, [])
+    assert code == 0 and b"All 2 tests passed" in err, err
