@@ -521,7 +521,7 @@ fn rmsnorm(out: []f32, x: []const f32, w: []const f32) void {
 /// Inputs are clamped to [-87, 88]: below, e^x underflows (2^n would be
 /// subnormal; as run.c, softmax then gives ~1e-38 instead of 0).
 fn expVec(x_in: F32s) F32s {
-    const x = @min(@max(x_in, @as(F32s, @splat(-87.0))), @as(F32s, @splat(88.0)));
+    const x = clampVec(x_in, -87.0, 88.0);
     const n = @floor(x * @as(F32s, @splat(1.44269504088896341)) + @as(F32s, @splat(0.5)));
     // r = x - n ln 2, with ln 2 in two parts so r keeps its low bits
     var r = x - n * @as(F32s, @splat(0.693359375));
@@ -534,6 +534,19 @@ fn expVec(x_in: F32s) F32s {
     return e_r * two_n;
 }
 
+/// max/min as compare and select: @max is IEEE maxNum (NaN-ignoring), which
+/// WebAssembly's f32x4.max is not, so LLVM would call fmaxf per lane there.
+inline fn maxVec(a: F32s, b: F32s) F32s {
+    return @select(f32, a < b, b, a);
+}
+
+inline fn clampVec(x: F32s, lo: f32, hi: f32) F32s {
+    const l: F32s = @splat(lo);
+    const h: F32s = @splat(hi);
+    const above = @select(f32, x < l, l, x);
+    return @select(f32, above > h, h, above);
+}
+
 fn expScalar(x: f32) f32 {
     return expVec(@splat(x))[0];
 }
@@ -541,8 +554,9 @@ fn expScalar(x: f32) f32 {
 fn softmax(x: []f32) void {
     var i: usize = 0;
     var vmax: F32s = @splat(-std.math.inf(f32));
-    while (i + f32_lanes <= x.len) : (i += f32_lanes) vmax = @max(vmax, load(x, i));
-    var max = @reduce(.Max, vmax);
+    while (i + f32_lanes <= x.len) : (i += f32_lanes) vmax = maxVec(vmax, load(x, i));
+    var max = vmax[0];
+    inline for (1..f32_lanes) |k| max = @max(max, vmax[k]);
     for (x[i..]) |v| max = @max(max, v);
     const vm: F32s = @splat(max);
     var vsum: F32s = @splat(0);
