@@ -79,9 +79,11 @@ BUILDS = [
     # under wasmtime, in-process from Python, 1 thread
     ("run.zig", "zig-port", "-O ReleaseFast"),
     ("run.wasm-wasmtime", "wasm", "-O ReleaseFast -mcpu=generic+simd128 -target wasm32-wasi"),
+    # the browser page (web/, `make web-build`) in headless Chromium through Playwright: its own tok/s
+    ("web-chromium", "web", "-O ReleaseFast -mcpu=generic+simd128 -target wasm32-freestanding"),
 ]
 QUICK_BUILDS = ["gcc-O3", "gcc-Ofast-native-omp", "clang-Ofast-native-omp", "zig-O3-fast-native",
-                "zig-x86_64-musl-static", "zig-aarch64-musl-static", "run.zig", "run.wasm-wasmtime"]
+                "zig-x86_64-musl-static", "zig-aarch64-musl-static", "run.zig", "run.wasm-wasmtime", "web-chromium"]
 PRECISIONS = {"fp32": (1, "f32"), "int8": (2, "q8_0")}  # ours: model.bin version; llama.cpp: GGUF type
 
 # What each flag does, for the notes; the measured effect is appended from the run.
@@ -111,6 +113,8 @@ FLAG_NOTES = [
     ("WebAssembly vs native C", "gcc-Ofast-native-omp", "run.wasm-wasmtime",
      "run.zig built for wasm32-wasi with SIMD128 (128-bit vectors, no FMA, no prefetch, no integer dot"
      " product finer than i16 pairs), JIT-compiled by wasmtime"),
+    ("Chromium vs native C", "gcc-Ofast-native-omp", "web-chromium",
+     "the browser page's module (run.zig through run_web.zig, SIMD128) in headless Chromium's V8, in a Web Worker"),
 ]
 
 
@@ -186,19 +190,21 @@ def machine() -> dict:
 def build(name, compiler, flags) -> dict:
     """Compile run.c (stripped: -s) or run.zig (-fstrip) into bench_cache/bin, cached by source and command.
     Returns a record."""
-    port = compiler in ("zig-port", "wasm")
-    src = ROOT / ("run.zig" if port else "run.c")
-    key = hashlib.sha1(src.read_bytes() + f"{compiler} {flags}".encode()).hexdigest()[:10]
+    port = compiler in ("zig-port", "wasm", "web")
+    src = ROOT / ("run_web.zig" if compiler == "web" else "run.zig" if port else "run.c")
+    key = hashlib.sha1(src.read_bytes() + (ROOT / "run.zig").read_bytes() * port
+                       + f"{compiler} {flags}".encode()).hexdigest()[:10]
     exe = CACHE / "bin" / f"{name}-{key}"
     if port:
         cc = ZIG[:-1]  # python -m ziglang
-        cmd = [*cc, "build-exe", *flags.split(), "-fstrip", str(src), f"-femit-bin={exe}"]
+        web = ["-fno-entry", "-rdynamic"] if compiler == "web" else []  # as the Makefile's web-build
+        cmd = [*cc, "build-exe", *flags.split(), *web, "-fstrip", str(src), f"-femit-bin={exe}"]
     else:
         cc = {"gcc": ["gcc"], "clang": ["clang"], "zig": ZIG}[compiler]
         cmd = [*cc, *flags.split(), "-s", "-o", str(exe), str(src), "-lm"]
     rec = {"name": name, "compiler": compiler, "flags": flags, "path": str(exe),
            "openmp": "-fopenmp" in flags or compiler == "zig-port", "wasm": compiler == "wasm",
-           "native": "-target" not in flags or compiler == "wasm",
+           "web": compiler == "web", "native": "-target" not in flags or compiler in ("wasm", "web"),
            "cmd": " ".join(["zig" if port else "zig cc" if cc == ZIG else cc[0], *cmd[len(cc):]])}
     if not exe.exists():
         exe.parent.mkdir(parents=True, exist_ok=True)
@@ -287,6 +293,57 @@ def time_wasm(module_path, files, prec, steps, seed) -> float | None:
             return None
     m = re.search(r"achieved tok/s: ([0-9.]+)", err.read_text(errors="replace"))
     return float(m.group(1)) if m and float(m.group(1)) > 0 else None
+
+
+_browser = {}
+
+
+def time_chromium(module_path, files, prec, steps, seed) -> float | None:
+    """The browser page (web/) in headless Chromium: the page fetches the model and tokenizer from a
+    local server, generates in its Web Worker and shows its tok/s, which we read back. The module is
+    this build's copy of web/llama.wasm; one browser serves all rounds."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return None
+    if not Path("/usr/bin/chromium").exists():
+        return None
+    if "page" not in _browser:
+        import importlib.util
+        import threading
+
+        spec = importlib.util.spec_from_file_location("serve", ROOT / "web" / "serve.py")
+        serve = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(serve)
+        shutil.copyfile(module_path, ROOT / "web" / "llama.wasm")
+        server = serve.make_server(0, CACHE, quiet=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        pw = sync_playwright().start()
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        _browser.update(page=page, loaded=None, close=lambda: (browser.close(), pw.stop(), server.shutdown()))
+    page = _browser["page"]
+    model = Path(files[prec]).name
+    try:
+        if _browser["loaded"] != model:
+            page.fill("#modelUrl", f"models/{model}")
+            page.fill("#tokUrl", f"models/{Path(files['tok']).name}")
+            page.click("#loadUrls")
+            page.wait_for_function(f"document.getElementById('modelInfo').textContent.startsWith('Loaded')"
+                                   f" && document.getElementById('modelUrl').value.endsWith('{model}')",
+                                   timeout=300_000)
+            _browser["loaded"] = model
+        for sel, v in (("#prompt", ""), ("#steps", steps), ("#temperature", 1), ("#topp", 1), ("#seed", seed)):
+            page.fill(sel, str(v))
+        page.click("#generate")
+        page.wait_for_function("document.body.dataset.done", timeout=600_000)
+        m = re.search(r"([0-9.]+) tok/s", page.inner_text("#stats"))
+        return float(m.group(1)) if page.get_attribute("body", "data-done") == "1" and m else None
+    except Exception as e:  # a page that fails is a missing figure, not a failed run
+        print(f"web-chromium: {e}".splitlines()[0], file=sys.stderr)
+        return None
 
 
 def time_ours(exe, files, prec, threads, steps, seed) -> float | None:
@@ -589,6 +646,8 @@ def main(argv=None) -> int:
                     bar.set_postfix_str(f"{k} {b['name']}")
                     if b["wasm"]:
                         v = time_wasm(b["path"], files[shape], prec, args.steps, seed=r + 1)
+                    elif b.get("web"):
+                        v = time_chromium(b["path"], files[shape], prec, args.steps, seed=r + 1)
                     else:
                         v = time_ours(b["path"], files[shape], prec, t, args.steps, seed=r + 1)
                     raw_ours.setdefault(b["name"], {}).setdefault(k, []).append(v)
@@ -603,6 +662,8 @@ def main(argv=None) -> int:
             tqdm.write(f"{k:16} ours {_fmt(ref):>14} tok/s   llama.cpp {_fmt(peer):>14} tok/s"
                        + (f"   ratio {ref['median'] / peer['median']:.2f}" if ref and peer else ""))
 
+    if "close" in _browser:
+        _browser.pop("close")()
     res = {"command": "python scripts/bench.py" + (" --quick" if args.quick else "")
            + (f" --shapes {args.shapes}" if args.shapes else "") + (f" --builds {args.builds}" if args.builds else ""),
            "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "runs": args.runs, "steps": args.steps,
