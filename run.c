@@ -249,6 +249,7 @@ static int straddled_w2_scales(Transformer *t) {
     return 0;
 }
 
+#ifdef HAVE_AVX2
 /* Size of the last-level cache (L3) as the kernel reports it in sysfs (what
  * lscpu prints), 0 where it cannot tell. Not sysconf: under a hypervisor glibc
  * reported 256 MiB for a 32 MiB L3. */
@@ -260,6 +261,7 @@ static long last_level_cache_bytes(void) {
     fclose(f);
     return kb * 1024;
 }
+#endif
 
 /* Parse a model held in memory (the mapped file, or a fuzzer's buffer). */
 static int parse_model(Transformer *t, const unsigned char *data, size_t size, const char *name) {
@@ -376,6 +378,7 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
             return -1;
         }
         bad |= r;
+#ifdef HAVE_AVX2
         if (!bad) { /* int8 kernel shape for AVX2: measured on an AMD EPYC (Zen 3), four
                      * rows at once are ~15% faster when the weights stay in the last-level
                      * cache, and one row at a time ~50% faster when they stream from DRAM */
@@ -386,6 +389,7 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
             for (int k = 0; k < 7; k++)
                 for (int l = 0; l < L; l++) mats[k][l].rows_per_pass = rpp;
         }
+#endif
         if (!bad && H % gs && straddled_w2_scales(t) < 0) {
             set_err("%s: out of memory", name);
             free(w->wq); w->wq = NULL;

@@ -490,11 +490,15 @@ inline fn load(s: []const f32, i: usize) F32s {
     return s[i..][0..f32_lanes].*;
 }
 
+/// Four accumulators: a whole cache line per pass, and four add chains.
 fn dot(a: []const f32, b: []const f32) f32 {
-    var acc: F32s = @splat(0);
+    var acc: [4]F32s = @splat(@splat(0));
     var i: usize = 0;
-    while (i + f32_lanes <= a.len) : (i += f32_lanes) acc = mulAdd(load(a, i), load(b, i), acc);
-    var sum = @reduce(.Add, acc);
+    while (i + 4 * f32_lanes <= a.len) : (i += 4 * f32_lanes) {
+        inline for (&acc, 0..) |*s, k| s.* = mulAdd(load(a, i + k * f32_lanes), load(b, i + k * f32_lanes), s.*);
+    }
+    while (i + f32_lanes <= a.len) : (i += f32_lanes) acc[0] = mulAdd(load(a, i), load(b, i), acc[0]);
+    var sum = @reduce(.Add, (acc[0] + acc[1]) + (acc[2] + acc[3]));
     while (i < a.len) : (i += 1) sum += a[i] * b[i];
     return sum;
 }
@@ -603,24 +607,11 @@ fn quantize(q: []i8, scales: []f32, x: []const f32, gs: usize) void {
 const row_at_a_time = builtin.cpu.arch.isWasm() or (builtin.cpu.arch == .x86_64 and
     !std.Target.x86.featureSetHas(builtin.cpu.features, .avx512f));
 
-/// dot with four accumulators: a whole cache line per pass
-fn dot4(a: []const f32, b: []const f32) f32 {
-    var acc: [4]F32s = @splat(@splat(0));
-    var i: usize = 0;
-    while (i + 4 * f32_lanes <= a.len) : (i += 4 * f32_lanes) {
-        inline for (&acc, 0..) |*s, k| s.* = mulAdd(load(a, i + k * f32_lanes), load(b, i + k * f32_lanes), s.*);
-    }
-    while (i + f32_lanes <= a.len) : (i += f32_lanes) acc[0] = mulAdd(load(a, i), load(b, i), acc[0]);
-    var sum = @reduce(.Add, (acc[0] + acc[1]) + (acc[2] + acc[3]));
-    while (i < a.len) : (i += 1) sum += a[i] * b[i];
-    return sum;
-}
-
 /// fp32 rows [lo, hi) of out = W x (W is rows × x.len). Four rows per pass
 /// share each load of x: the loop streams W, so that is what counts.
 fn matmulF32(out: []f32, x: []const f32, w: []const f32, lo: usize, hi: usize) void {
     if (row_at_a_time) {
-        for (lo..hi) |r| out[r] = dot4(w[r * x.len ..][0..x.len], x);
+        for (lo..hi) |r| out[r] = dot(w[r * x.len ..][0..x.len], x);
         return;
     }
     const n = x.len;
@@ -1577,6 +1568,7 @@ fn seconds(io: Io) f64 {
 /// AMD EPYC, Zen 3): 4 when the model fits in the last-level cache (sysfs's
 /// L3 size), 1 when it streams from DRAM; RUN_Q8_ROWS=1|4 overrides.
 fn q8RowsPerPass(init: std.process.Init, io: Io, model_bytes: usize) usize {
+    if (!has_avx2) return 4; // the other kernels have one shape
     if (init.environ_map.get("RUN_Q8_ROWS")) |v| {
         if (std.mem.eql(u8, v, "1")) return 1;
         if (std.mem.eql(u8, v, "4")) return 4;

@@ -192,8 +192,8 @@ def build(name, compiler, flags) -> dict:
     Returns a record."""
     port = compiler in ("zig-port", "wasm", "web")
     src = ROOT / ("run_web.zig" if compiler == "web" else "run.zig" if port else "run.c")
-    key = hashlib.sha1(src.read_bytes() + (ROOT / "run.zig").read_bytes() * port
-                       + f"{compiler} {flags}".encode()).hexdigest()[:10]
+    deps = [src] + ([ROOT / "run.zig"] if compiler == "web" else [])  # run_web.zig imports run.zig
+    key = hashlib.sha1(b"".join(p.read_bytes() for p in deps) + f"{compiler} {flags}".encode()).hexdigest()[:10]
     exe = CACHE / "bin" / f"{name}-{key}"
     if port:
         cc = ZIG[:-1]  # python -m ziglang
