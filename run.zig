@@ -481,8 +481,14 @@ const has_fma = switch (builtin.cpu.arch) {
     .aarch64 => true,
     else => false, // wasm: no fused multiply-add in SIMD128, @mulAdd would be a libcall
 };
+/// WebAssembly relaxed SIMD (`make wasm-relaxed`): f32x4.relaxed_madd (fused
+/// where the CPU has FMA) and the i8 x i7 dot product (x86's pmaddubsw).
+const has_relaxed_simd = builtin.cpu.arch.isWasm() and
+    std.Target.wasm.featureSetHas(builtin.cpu.features, .relaxed_simd);
+extern fn @"llvm.wasm.relaxed.madd.v4f32"(a: @Vector(4, f32), b: @Vector(4, f32), c: @Vector(4, f32)) @Vector(4, f32);
 
 inline fn mulAdd(a: F32s, b: F32s, acc: F32s) F32s {
+    if (has_relaxed_simd and f32_lanes == 4) return @"llvm.wasm.relaxed.madd.v4f32"(a, b, acc);
     return if (has_fma) @mulAdd(F32s, a, b, acc) else a * b + acc;
 }
 
@@ -600,21 +606,40 @@ fn quantize(q: []i8, scales: []f32, x: []const f32, gs: usize) void {
     }
 }
 
-/// fp32 kernel shape, measured: one row at a time (a single ascending stream
-/// for the hardware prefetcher) is faster under WebAssembly (no prefetch
-/// instruction there) and on AVX2 CPUs such as AMD Zen 3; four rows with
-/// software prefetch are faster on AVX-512 Intel, as in run.c.
-const row_at_a_time = builtin.cpu.arch.isWasm() or (builtin.cpu.arch == .x86_64 and
+/// fp32 kernel shape, measured: under WebAssembly and on AVX2 CPUs such as
+/// AMD Zen 3, four streams (this share of rows in four parts, walked side by
+/// side: a core's DRAM bandwidth grows with the independent streams in flight;
+/// 1.3-1.45x one row at a time); on AVX-512 Intel, four adjacent rows with
+/// software prefetch, as in run.c.
+const four_streams = builtin.cpu.arch.isWasm() or (builtin.cpu.arch == .x86_64 and
     !std.Target.x86.featureSetHas(builtin.cpu.features, .avx512f));
 
-/// fp32 rows [lo, hi) of out = W x (W is rows × x.len). Four rows per pass
-/// share each load of x: the loop streams W, so that is what counts.
+/// fp32 rows [lo, hi) of out = W x (W is rows × x.len).
 fn matmulF32(out: []f32, x: []const f32, w: []const f32, lo: usize, hi: usize) void {
-    if (row_at_a_time) {
-        for (lo..hi) |r| out[r] = dot(w[r * x.len ..][0..x.len], x);
+    const n = x.len;
+    if (four_streams) {
+        const q = (hi - lo) / 4;
+        for (lo..lo + q) |r| {
+            const rows = [4][]const f32{ w[r * n ..][0..n], w[(r + q) * n ..][0..n], w[(r + 2 * q) * n ..][0..n], w[(r + 3 * q) * n ..][0..n] };
+            var acc: [4][2]F32s = @splat(@splat(@splat(0)));
+            var j: usize = 0;
+            while (j + 2 * f32_lanes <= n) : (j += 2 * f32_lanes) {
+                const x0 = load(x, j);
+                const x1 = load(x, j + f32_lanes);
+                inline for (&acc, rows) |*a, row| {
+                    a[0] = mulAdd(load(row, j), x0, a[0]);
+                    a[1] = mulAdd(load(row, j + f32_lanes), x1, a[1]);
+                }
+            }
+            inline for (acc, rows, 0..) |a, row, k| {
+                var sum = @reduce(.Add, a[0] + a[1]);
+                for (row[j..], x[j..]) |wv, xv| sum += wv * xv;
+                out[r + k * q] = sum;
+            }
+        }
+        for (lo + 4 * q..hi) |r| out[r] = dot(w[r * n ..][0..n], x);
         return;
     }
-    const n = x.len;
     const nv = n - n % f32_lanes;
     var r = lo;
     while (r + 4 <= hi) : (r += 4) {
@@ -749,6 +774,45 @@ fn matmulQ8Simd128(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, 
     return r;
 }
 
+const I8x16 = @Vector(16, i8);
+/// i32x4.relaxed_dot_i8x16_i7x16_add_s: acc + sums of four products of a
+/// signed byte of a and a byte of b that must be in 0..127 (then every engine
+/// gives the exact result; x86 engines emit pmaddubsw + pmaddwd).
+extern fn @"llvm.wasm.relaxed.dot.i8x16.i7x16.add.signed"(a: I8x16, b: I8x16, acc: I32x4) I32x4;
+
+/// The int8 kernel for WebAssembly relaxed SIMD: |x| (0..127, as xq is never
+/// -128) is the i7 side and x's sign moves onto w, as in the AVX2 kernel;
+/// four rows share each load of x. Returns the first row not done.
+fn matmulQ8Relaxed(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) usize {
+    const n = xq.len;
+    const ng = n / gs;
+    const zero: I8x16 = @splat(0);
+    var r = lo;
+    while (r + 4 <= hi) : (r += 4) {
+        var acc: [4]F32s = @splat(@splat(0));
+        var j: usize = 0;
+        for (0..ng) |g| {
+            var dots: [4]I32x4 = @splat(@splat(0));
+            const end = j + gs;
+            while (j < end) : (j += 16) {
+                const xv: I8x16 = xq[j..][0..16].*;
+                const ax: I8x16 = @bitCast(@abs(xv));
+                const sign: I8x16 = @select(i8, xv < zero, @as(I8x16, @splat(-1)), zero); // 0 or -1
+                inline for (&dots, 0..) |*d, k| {
+                    const wv: I8x16 = wq[(r + k) * n + j ..][0..16].*;
+                    d.* = @"llvm.wasm.relaxed.dot.i8x16.i7x16.add.signed"((wv ^ sign) -% sign, ax, d.*);
+                }
+            }
+            inline for (&acc, dots, 0..) |*a, d, k| {
+                const sc: F32s = @splat(ws[(r + k) * ng + g] * xs[g]);
+                a.* = mulAdd(@floatFromInt(d), sc, a.*);
+            }
+        }
+        inline for (acc, 0..) |a, k| out[r + k] = @reduce(.Add, a);
+    }
+    return r;
+}
+
 const has_avx2 = builtin.cpu.arch == .x86_64 and !has_vnni and
     std.Target.x86.featureSetHas(builtin.cpu.features, .avx2);
 /// AVX2's pmaddubsw (unsigned × signed bytes, adjacent pairs summed to i16),
@@ -804,6 +868,8 @@ fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []c
     } else if (has_avx2 and gs % 32 == 0) {
         if (rows_per_pass == 4) r = matmulQ8Avx2(out, xq, xs, wq, ws, gs, lo, hi, 4);
         r = matmulQ8Avx2(out, xq, xs, wq, ws, gs, r, hi, 1);
+    } else if (has_relaxed_simd and f32_lanes == 4 and gs % 16 == 0) {
+        r = matmulQ8Relaxed(out, xq, xs, wq, ws, gs, lo, hi);
     } else if (has_simd128 and f32_lanes == 4 and gs % 16 == 0) {
         r = matmulQ8Simd128(out, xq, xs, wq, ws, gs, lo, hi);
     } else if (gs % i8_lanes == 0) {
