@@ -85,7 +85,7 @@ typedef struct {
     const int8_t *q;
     const float *s;
     int gs;
-    int rows_per_pass; /* int8 on AVX2: 4 rows share each x load, or 1 row streams (see matmul_q8) */
+    int streams; /* int8 on AVX2: four rows per pass, adjacent (0) or four streams (1); see matmul_q8 */
 } Mat;
 
 typedef struct {
@@ -379,15 +379,16 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
         }
         bad |= r;
 #ifdef HAVE_AVX2
-        if (!bad) { /* int8 kernel shape for AVX2: measured on an AMD EPYC (Zen 3), four
-                     * rows at once are ~15% faster when the weights stay in the last-level
-                     * cache, and one row at a time ~50% faster when they stream from DRAM */
-            int rpp = (double)size <= 0.9 * last_level_cache_bytes() ? 4 : 1;
-            const char *force = getenv("RUN_Q8_ROWS"); /* 1 or 4: for tests and benchmarks */
-            if (force && (atoi(force) == 1 || atoi(force) == 4)) rpp = atoi(force);
-            w->emb.rows_per_pass = w->cls.rows_per_pass = rpp;
+        if (!bad) { /* int8 kernel shape for AVX2, measured on an AMD EPYC (Zen 3): four
+                     * adjacent rows are ~15% faster when the weights stay in the last-level
+                     * cache; when they stream from DRAM, four streams far apart are
+                     * 1.1-1.2x (1 thread) one row at a time, and four adjacent rows slower */
+            int streams = (double)size > 0.9 * last_level_cache_bytes();
+            const char *force = getenv("RUN_Q8_STREAMS"); /* 0 or 1: for tests and benchmarks */
+            if (force && (!strcmp(force, "0") || !strcmp(force, "1"))) streams = atoi(force);
+            w->emb.streams = w->cls.streams = streams;
             for (int k = 0; k < 7; k++)
-                for (int l = 0; l < L; l++) mats[k][l].rows_per_pass = rpp;
+                for (int l = 0; l < L; l++) mats[k][l].streams = streams;
         }
 #endif
         if (!bad && H % gs && straddled_w2_scales(t) < 0) {
@@ -530,20 +531,22 @@ static inline float hsum256(__m256 v) {
 }
 
 /* int8 dot products with AVX2 for group sizes that are multiples of 32, R rows
- * sharing each load of x. pmaddubsw multiplies unsigned by signed bytes, so
- * |x| is the unsigned side and x's sign moves onto w (sign_epi8); its pair
- * sums stay below 2 * 127 * 127 < 32767, so they never saturate. */
+ * sharing each load of x: rows r, r + rs, r + 2 rs, ... (rs = 1: adjacent rows;
+ * larger: R separate streams). Each row is prefetched `ahead` rows on.
+ * pmaddubsw multiplies unsigned by signed bytes, so |x| is the unsigned side
+ * and x's sign moves onto w (sign_epi8); its pair sums stay below
+ * 2 * 127 * 127 < 32767, so they never saturate. */
 static inline __attribute__((always_inline)) void
 q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
-            int n, int gs, int r, const int R, const int8_t *pf) {
+            int n, int gs, int r, const int R, int rs, int ahead) {
     const int ng = n / gs;
     const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *w[4];
     const float *sc[4];
     __m256 acc[4];
     for (int k = 0; k < R; k++) {
-        w[k] = wq + (size_t)(r + k) * n;
-        sc[k] = ws + (size_t)(r + k) * ng;
+        w[k] = wq + (size_t)(r + k * rs) * n;
+        sc[k] = ws + (size_t)(r + k * rs) * ng;
         acc[k] = _mm256_setzero_ps();
     }
     for (int g = 0, j = 0; g < ng; g++) {
@@ -553,7 +556,7 @@ q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, con
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j));
             __m256i ax = _mm256_sign_epi8(xv, xv);
             for (int k = 0; k < R; k++) {
-                _mm_prefetch((const char *)(pf + (size_t)k * n + j), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w[k] + (size_t)ahead * n + j), _MM_HINT_T0);
                 __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(w[k] + j)), xv));
                 d[k] = _mm256_add_epi32(d[k], _mm256_madd_epi16(p, ones));
             }
@@ -561,7 +564,7 @@ q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, con
         for (int k = 0; k < R; k++)
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[k]), _mm256_set1_ps(sc[k][g] * xs[g]), acc[k]);
     }
-    for (int k = 0; k < R; k++) out[r + k] = hsum256(acc[k]);
+    for (int k = 0; k < R; k++) out[r + k * rs] = hsum256(acc[k]);
 }
 #endif
 
@@ -729,13 +732,18 @@ static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Mat *
     }
 #undef PF_ROWS
 #elif defined(HAVE_AVX2)
-#define PF_ROWS(r) (m->q + (size_t)((r) + 16 < r1 ? (r) + 16 : (r)) * n)
+    /* Prefetching beyond our share or the matrix is harmless (a prefetch never
+     * faults) and rare: the last `ahead` rows of a share. */
     if (gs % 32 == 0) {
-        if (m->rows_per_pass == 4)
-            for (; r + 4 <= r1; r += 4) q_rows_avx2(out, xq, xs, m->q, m->s, n, gs, r, 4, PF_ROWS(r));
-        for (; r < r1; r++) q_rows_avx2(out, xq, xs, m->q, m->s, n, gs, r, 1, PF_ROWS(r));
+        if (m->streams) { /* four streams, each a quarter of our share */
+            const int q = (r1 - r0) / 4;
+            for (; r < r0 + q; r++) q_rows_avx2(out, xq, xs, m->q, m->s, n, gs, r, 4, q, 4);
+            r = r0 + 4 * q;
+        } else {
+            for (; r + 4 <= r1; r += 4) q_rows_avx2(out, xq, xs, m->q, m->s, n, gs, r, 4, 1, 16);
+        }
+        for (; r < r1; r++) q_rows_avx2(out, xq, xs, m->q, m->s, n, gs, r, 1, 1, 16);
     }
-#undef PF_ROWS
 #endif
     /* portable path, any group size: integer dot per group (auto-vectorised) */
     const int ng = n / gs;

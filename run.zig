@@ -149,7 +149,7 @@ pub const Transformer = struct {
     layers: []Layer,
     state: State,
     pool: ?*Pool = null,
-    q8_rows_per_pass: usize = 4, // the AVX2 int8 kernel's shape: see q8RowsPerPass
+    q8_streams: bool = false, // the AVX2 int8 kernel's shape: see q8Streams
     gpa: Allocator,
 
     /// Point the weights into `bytes` (a whole model.bin, kept alive by the
@@ -385,7 +385,7 @@ pub const Transformer = struct {
     fn matmul(t: *Transformer, out: []f32, m: Matrix, in: []const f32, lo: usize, hi: usize) void {
         switch (m) {
             .f32 => |w| matmulF32(out, in, w, lo, hi),
-            .q8 => |w| matmulQ8(out, t.state.xq[0..in.len], t.state.xs[0 .. in.len / w.gs], w.q, w.s, w.gs, lo, hi, t.q8_rows_per_pass),
+            .q8 => |w| matmulQ8(out, t.state.xq[0..in.len], t.state.xs[0 .. in.len / w.gs], w.q, w.s, w.gs, lo, hi, t.q8_streams),
         }
     }
 };
@@ -822,52 +822,57 @@ extern fn @"llvm.x86.avx2.pmadd.ub.sw"(a: I8x32, b: I8x32) @Vector(16, i16);
 extern fn @"llvm.x86.avx2.pmadd.wd"(a: @Vector(16, i16), b: @Vector(16, i16)) I32x8;
 extern fn @"llvm.x86.avx2.psign.b"(a: I8x32, b: I8x32) I8x32;
 
-/// The int8 kernel for AVX2 CPUs, as run.c's: `rows` rows per pass (4 share
-/// each load of x; 1 streams), |x| as the unsigned side and x's sign moved
-/// onto w; the i16 pair sums stay below 2 * 127 * 127, so never saturate.
-fn matmulQ8Avx2(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize, comptime rows: usize) usize {
+/// The int8 kernel for AVX2 CPUs, as run.c's: four rows per pass share each
+/// load of x, rows r, r + stride, r + 2 stride, r + 3 stride (stride 1:
+/// adjacent rows; larger: four streams), each prefetched `ahead` rows on.
+/// |x| is the unsigned side and x's sign moves onto w; the i16 pair sums stay
+/// below 2 * 127 * 127, so never saturate. `rows` is 4, or 1 for the last rows.
+fn q8RowsAvx2(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, r: usize, comptime rows: usize, stride: usize, ahead: usize) void {
     const n = xq.len;
     const ng = n / gs;
     const ones: @Vector(16, i16) = @splat(1);
-    var r = lo;
-    while (r + rows <= hi) : (r += rows) {
-        const ahead = wq[(if (r + 16 + rows <= hi) r + 16 else r) * n ..][0 .. rows * n];
-        var acc: [rows]F32x8 = @splat(@splat(0));
-        var j: usize = 0;
-        for (0..ng) |g| {
-            var dots: [rows]I32x8 = @splat(@splat(0));
-            const end = j + gs;
-            while (j < end) : (j += 32) {
-                const xv: I8x32 = xq[j..][0..32].*;
-                const ax = @"llvm.x86.avx2.psign.b"(xv, xv);
-                inline for (&dots, 0..) |*d, k| {
-                    @prefetch(ahead[k * n + j ..].ptr, .{});
-                    const wv: I8x32 = wq[(r + k) * n + j ..][0..32].*;
-                    const pairs = @"llvm.x86.avx2.pmadd.ub.sw"(ax, @"llvm.x86.avx2.psign.b"(wv, xv));
-                    d.* += @"llvm.x86.avx2.pmadd.wd"(pairs, ones);
-                }
-            }
-            inline for (&acc, dots, 0..) |*a, d, k| {
-                const sc: F32x8 = @splat(ws[(r + k) * ng + g] * xs[g]);
-                a.* = @mulAdd(F32x8, @floatFromInt(d), sc, a.*);
+    var acc: [rows]F32x8 = @splat(@splat(0));
+    var j: usize = 0;
+    for (0..ng) |g| {
+        var dots: [rows]I32x8 = @splat(@splat(0));
+        const end = j + gs;
+        while (j < end) : (j += 32) {
+            const xv: I8x32 = xq[j..][0..32].*;
+            const ax = @"llvm.x86.avx2.psign.b"(xv, xv);
+            inline for (&dots, 0..) |*d, k| {
+                const row = (r + k * stride) * n;
+                // a prefetch never faults: past the matrix's end it is only wasted
+                @prefetch(wq.ptr + row + ahead * n + j, .{});
+                const wv: I8x32 = wq[row + j ..][0..32].*;
+                const pairs = @"llvm.x86.avx2.pmadd.ub.sw"(ax, @"llvm.x86.avx2.psign.b"(wv, xv));
+                d.* += @"llvm.x86.avx2.pmadd.wd"(pairs, ones);
             }
         }
-        inline for (acc, 0..) |a, k| out[r + k] = @reduce(.Add, a);
+        inline for (&acc, dots, 0..) |*a, d, k| {
+            const sc: F32x8 = @splat(ws[(r + k * stride) * ng + g] * xs[g]);
+            a.* = @mulAdd(F32x8, @floatFromInt(d), sc, a.*);
+        }
     }
-    return r;
+    inline for (acc, 0..) |a, k| out[r + k * stride] = @reduce(.Add, a);
 }
 
 /// int8 rows [lo, hi) of out = W x with x already quantized to (xq, xs):
 /// exact integer dot products per group, scaled in fp32.
-fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize, rows_per_pass: usize) void {
+fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize, streams: bool) void {
     const n = xq.len;
     const ng = n / gs;
     var r = lo;
     if (has_vnni and gs % 32 == 0) {
         r = matmulQ8Vnni(out, xq, xs, wq, ws, gs, lo, hi);
     } else if (has_avx2 and gs % 32 == 0) {
-        if (rows_per_pass == 4) r = matmulQ8Avx2(out, xq, xs, wq, ws, gs, lo, hi, 4);
-        r = matmulQ8Avx2(out, xq, xs, wq, ws, gs, r, hi, 1);
+        if (streams) { // four streams, each a quarter of our share
+            const q = (hi - lo) / 4;
+            while (r < lo + q) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 4, q, 4);
+            r = lo + 4 * q;
+        } else {
+            while (r + 4 <= hi) : (r += 4) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 4, 1, 16);
+        }
+        while (r < hi) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 1, 1, 16);
     } else if (has_relaxed_simd and f32_lanes == 4 and gs % 16 == 0) {
         r = matmulQ8Relaxed(out, xq, xs, wq, ws, gs, lo, hi);
     } else if (has_simd128 and f32_lanes == 4 and gs % 16 == 0) {
@@ -1630,19 +1635,20 @@ fn seconds(io: Io) f64 {
     return @as(f64, @floatFromInt(ns)) * 1e-9;
 }
 
-/// The AVX2 int8 kernel's rows per pass, as run.c picks it (measured on an
-/// AMD EPYC, Zen 3): 4 when the model fits in the last-level cache (sysfs's
-/// L3 size), 1 when it streams from DRAM; RUN_Q8_ROWS=1|4 overrides.
-fn q8RowsPerPass(init: std.process.Init, io: Io, model_bytes: usize) usize {
-    if (!has_avx2) return 4; // the other kernels have one shape
-    if (init.environ_map.get("RUN_Q8_ROWS")) |v| {
-        if (std.mem.eql(u8, v, "1")) return 1;
-        if (std.mem.eql(u8, v, "4")) return 4;
+/// The AVX2 int8 kernel's shape, as run.c picks it (measured on an AMD EPYC,
+/// Zen 3): four adjacent rows when the model fits in the last-level cache
+/// (sysfs's L3 size), four streams when it streams from DRAM;
+/// RUN_Q8_STREAMS=0|1 overrides.
+fn q8Streams(init: std.process.Init, io: Io, model_bytes: usize) bool {
+    if (!has_avx2) return false; // the other kernels have one shape
+    if (init.environ_map.get("RUN_Q8_STREAMS")) |v| {
+        if (std.mem.eql(u8, v, "0")) return false;
+        if (std.mem.eql(u8, v, "1")) return true;
     }
     var buf: [32]u8 = undefined;
-    const text = Io.Dir.cwd().readFile(io, "/sys/devices/system/cpu/cpu0/cache/index3/size", &buf) catch return 1;
-    const kb = std.fmt.parseInt(usize, std.mem.trimEnd(u8, text, "K\n"), 10) catch return 1;
-    return if (@as(f64, @floatFromInt(model_bytes)) <= 0.9 * @as(f64, @floatFromInt(kb * 1024))) 4 else 1;
+    const text = Io.Dir.cwd().readFile(io, "/sys/devices/system/cpu/cpu0/cache/index3/size", &buf) catch return true;
+    const kb = std.fmt.parseInt(usize, std.mem.trimEnd(u8, text, "K\n"), 10) catch return true;
+    return @as(f64, @floatFromInt(model_bytes)) > 0.9 * @as(f64, @floatFromInt(kb * 1024));
 }
 
 fn threadCount(init: std.process.Init) usize {
@@ -1703,7 +1709,7 @@ fn cli(init: std.process.Init, diag: *Diagnostic) !void {
     var sampler = try Sampler.init(gpa, t.config.vocab_size, o.temperature, o.topp, seed);
     defer sampler.deinit(gpa);
     try t.useThreads(io, threadCount(init));
-    t.q8_rows_per_pass = q8RowsPerPass(init, io, weights.len);
+    t.q8_streams = q8Streams(init, io, weights.len);
 
     var obuf: [4096]u8 = undefined;
     var out: Output = .{ .writer = Io.File.stdout().writer(io, &obuf) };

@@ -226,16 +226,16 @@ def test_random_15m_shape_fp32(rt, tmp_path):
 
 @pytest.mark.parametrize("dim,hidden,gs", [(128, 384, 64), (64, 160, 32), (64, 176, 16), (128, 256, 128),
                                             (128, 352, 64), (64, 172, 64), (128, 320, 128)])
-@pytest.mark.parametrize("rows", ["4", "1"])
-def test_random_int8_group_sizes(rt, tmp_path, monkeypatch, dim, hidden, gs, rows):
+@pytest.mark.parametrize("streams", ["0", "1"])
+def test_random_int8_group_sizes(rt, tmp_path, monkeypatch, dim, hidden, gs, streams):
     """Each kernel: gs % 64 == 0 (VNNI), gs 32 with a half-vector tail (VNNI), others (portable);
     groups that straddle w2's rows (hidden % gs != 0): in halves of 32 (the 42M shape, 1376 with
     64), quarters of 4 (172 with 64, as llama2.c exports stories260K), and 64 of 128. On AVX2
-    CPUs both shapes of the int8 kernel: four rows per pass and one (RUN_Q8_ROWS)."""
+    CPUs both shapes of the int8 kernel: four adjacent rows per pass and four streams (RUN_Q8_STREAMS)."""
     import export
     from model import ModelArgs
 
-    monkeypatch.setenv("RUN_Q8_ROWS", rows)
+    monkeypatch.setenv("RUN_Q8_STREAMS", streams)
 
     ref = random_model(ModelArgs(dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512,
                                  max_seq_len=128, hidden_dim=hidden), seed=gs)

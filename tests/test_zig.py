@@ -85,7 +85,7 @@ def test_random_models_greedy_ids_match_c(files, tmp_path, name, version, gs, ar
     assert runzig_ids(path, tok, args["max_seq_len"]) == want
     assert runzig_ids(path, tok, args["max_seq_len"], 2) == want
     if version == 2:  # the AVX2 int8 kernel's other shape (one row per pass; ignored elsewhere)
-        assert runzig_ids(path, tok, args["max_seq_len"], env={"RUN_Q8_ROWS": "1"}) == want
+        assert runzig_ids(path, tok, args["max_seq_len"], env={"RUN_Q8_STREAMS": "1"}) == want
 
 
 @pytest.mark.parametrize("base", ["v0u.bin", "v2.bin"])
