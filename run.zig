@@ -149,7 +149,6 @@ pub const Transformer = struct {
     layers: []Layer,
     state: State,
     pool: ?*Pool = null,
-    q8_streams: bool = false, // the AVX2 int8 kernel's shape: see q8Streams
     gpa: Allocator,
 
     /// Point the weights into `bytes` (a whole model.bin, kept alive by the
@@ -385,7 +384,7 @@ pub const Transformer = struct {
     fn matmul(t: *Transformer, out: []f32, m: Matrix, in: []const f32, lo: usize, hi: usize) void {
         switch (m) {
             .f32 => |w| matmulF32(out, in, w, lo, hi),
-            .q8 => |w| matmulQ8(out, t.state.xq[0..in.len], t.state.xs[0 .. in.len / w.gs], w.q, w.s, w.gs, lo, hi, t.q8_streams),
+            .q8 => |w| matmulQ8(out, t.state.xq[0..in.len], t.state.xs[0 .. in.len / w.gs], w.q, w.s, w.gs, lo, hi),
         }
     }
 };
@@ -481,14 +480,8 @@ const has_fma = switch (builtin.cpu.arch) {
     .aarch64 => true,
     else => false, // wasm: no fused multiply-add in SIMD128, @mulAdd would be a libcall
 };
-/// WebAssembly relaxed SIMD (`make wasm-relaxed`): f32x4.relaxed_madd (fused
-/// where the CPU has FMA) and the i8 x i7 dot product (x86's pmaddubsw).
-const has_relaxed_simd = builtin.cpu.arch.isWasm() and
-    std.Target.wasm.featureSetHas(builtin.cpu.features, .relaxed_simd);
-extern fn @"llvm.wasm.relaxed.madd.v4f32"(a: @Vector(4, f32), b: @Vector(4, f32), c: @Vector(4, f32)) @Vector(4, f32);
 
 inline fn mulAdd(a: F32s, b: F32s, acc: F32s) F32s {
-    if (has_relaxed_simd and f32_lanes == 4) return @"llvm.wasm.relaxed.madd.v4f32"(a, b, acc);
     return if (has_fma) @mulAdd(F32s, a, b, acc) else a * b + acc;
 }
 
@@ -745,13 +738,15 @@ inline fn loadWidened(s: []const i8, i: usize) I16x8 {
 }
 
 /// The int8 kernel for WebAssembly SIMD128: int8 values eight at a time,
-/// widened as they load and multiplied with dot_i16x8 (x86's pmaddwd), four
-/// rows sharing each load of x. Returns the first row not done.
+/// widened as they load and multiplied with dot_i16x8 (x86's pmaddwd); four
+/// streams (a quarter of the rows each, as the fp32 kernel) share each load
+/// of x: 1.6x four adjacent rows at 15M under wasmtime. Returns the first row
+/// not done.
 fn matmulQ8Simd128(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) usize {
     const n = xq.len;
     const ng = n / gs;
-    var r = lo;
-    while (r + 4 <= hi) : (r += 4) {
+    const q = (hi - lo) / 4;
+    for (lo..lo + q) |r| {
         var acc: [4]F32s = @splat(@splat(0));
         for (0..ng) |g| {
             var dots: [4]I32x4 = @splat(@splat(0));
@@ -760,57 +755,18 @@ fn matmulQ8Simd128(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, 
                 const xa = loadWidened(xq, j);
                 const xb = loadWidened(xq, j + 8);
                 inline for (&dots, 0..) |*d, k| {
-                    const row = wq[(r + k) * n + j ..];
+                    const row = wq[(r + k * q) * n + j ..];
                     d.* += @"llvm.wasm.dot"(xa, loadWidened(row, 0)) + @"llvm.wasm.dot"(xb, loadWidened(row, 8));
                 }
             }
             inline for (&acc, dots, 0..) |*a, d, k| {
-                const sc: F32s = @splat(ws[(r + k) * ng + g] * xs[g]);
+                const sc: F32s = @splat(ws[(r + k * q) * ng + g] * xs[g]);
                 a.* = mulAdd(@floatFromInt(d), sc, a.*);
             }
         }
-        inline for (acc, 0..) |a, k| out[r + k] = @reduce(.Add, a);
+        inline for (acc, 0..) |a, k| out[r + k * q] = @reduce(.Add, a);
     }
-    return r;
-}
-
-const I8x16 = @Vector(16, i8);
-/// i32x4.relaxed_dot_i8x16_i7x16_add_s: acc + sums of four products of a
-/// signed byte of a and a byte of b that must be in 0..127 (then every engine
-/// gives the exact result; x86 engines emit pmaddubsw + pmaddwd).
-extern fn @"llvm.wasm.relaxed.dot.i8x16.i7x16.add.signed"(a: I8x16, b: I8x16, acc: I32x4) I32x4;
-
-/// The int8 kernel for WebAssembly relaxed SIMD: |x| (0..127, as xq is never
-/// -128) is the i7 side and x's sign moves onto w, as in the AVX2 kernel;
-/// four rows share each load of x. Returns the first row not done.
-fn matmulQ8Relaxed(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) usize {
-    const n = xq.len;
-    const ng = n / gs;
-    const zero: I8x16 = @splat(0);
-    var r = lo;
-    while (r + 4 <= hi) : (r += 4) {
-        var acc: [4]F32s = @splat(@splat(0));
-        var j: usize = 0;
-        for (0..ng) |g| {
-            var dots: [4]I32x4 = @splat(@splat(0));
-            const end = j + gs;
-            while (j < end) : (j += 16) {
-                const xv: I8x16 = xq[j..][0..16].*;
-                const ax: I8x16 = @bitCast(@abs(xv));
-                const sign: I8x16 = @select(i8, xv < zero, @as(I8x16, @splat(-1)), zero); // 0 or -1
-                inline for (&dots, 0..) |*d, k| {
-                    const wv: I8x16 = wq[(r + k) * n + j ..][0..16].*;
-                    d.* = @"llvm.wasm.relaxed.dot.i8x16.i7x16.add.signed"((wv ^ sign) -% sign, ax, d.*);
-                }
-            }
-            inline for (&acc, dots, 0..) |*a, d, k| {
-                const sc: F32s = @splat(ws[(r + k) * ng + g] * xs[g]);
-                a.* = mulAdd(@floatFromInt(d), sc, a.*);
-            }
-        }
-        inline for (acc, 0..) |a, k| out[r + k] = @reduce(.Add, a);
-    }
-    return r;
+    return lo + 4 * q;
 }
 
 const has_avx2 = builtin.cpu.arch == .x86_64 and !has_vnni and
@@ -823,8 +779,8 @@ extern fn @"llvm.x86.avx2.pmadd.wd"(a: @Vector(16, i16), b: @Vector(16, i16)) I3
 extern fn @"llvm.x86.avx2.psign.b"(a: I8x32, b: I8x32) I8x32;
 
 /// The int8 kernel for AVX2 CPUs, as run.c's: four rows per pass share each
-/// load of x, rows r, r + stride, r + 2 stride, r + 3 stride (stride 1:
-/// adjacent rows; larger: four streams), each prefetched `ahead` rows on.
+/// load of x, rows r, r + stride, r + 2 stride, r + 3 stride (four streams),
+/// each prefetched `ahead` rows on.
 /// |x| is the unsigned side and x's sign moves onto w; the i16 pair sums stay
 /// below 2 * 127 * 127, so never saturate. `rows` is 4, or 1 for the last rows.
 fn q8RowsAvx2(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, r: usize, comptime rows: usize, stride: usize, ahead: usize) void {
@@ -858,23 +814,17 @@ fn q8RowsAvx2(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: [
 
 /// int8 rows [lo, hi) of out = W x with x already quantized to (xq, xs):
 /// exact integer dot products per group, scaled in fp32.
-fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize, streams: bool) void {
+fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) void {
     const n = xq.len;
     const ng = n / gs;
     var r = lo;
     if (has_vnni and gs % 32 == 0) {
         r = matmulQ8Vnni(out, xq, xs, wq, ws, gs, lo, hi);
-    } else if (has_avx2 and gs % 32 == 0) {
-        if (streams) { // four streams, each a quarter of our share
-            const q = (hi - lo) / 4;
-            while (r < lo + q) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 4, q, 4);
-            r = lo + 4 * q;
-        } else {
-            while (r + 4 <= hi) : (r += 4) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 4, 1, 16);
-        }
-        while (r < hi) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 1, 1, 16);
-    } else if (has_relaxed_simd and f32_lanes == 4 and gs % 16 == 0) {
-        r = matmulQ8Relaxed(out, xq, xs, wq, ws, gs, lo, hi);
+    } else if (has_avx2 and gs % 32 == 0) { // four streams, each a quarter of our share
+        const q = (hi - lo) / 4;
+        while (r < lo + q) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 4, q, 4);
+        r = lo + 4 * q;
+        while (r < hi) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 1, 1, 4);
     } else if (has_simd128 and f32_lanes == 4 and gs % 16 == 0) {
         r = matmulQ8Simd128(out, xq, xs, wq, ws, gs, lo, hi);
     } else if (gs % i8_lanes == 0) {
@@ -1635,22 +1585,6 @@ fn seconds(io: Io) f64 {
     return @as(f64, @floatFromInt(ns)) * 1e-9;
 }
 
-/// The AVX2 int8 kernel's shape, as run.c picks it (measured on an AMD EPYC,
-/// Zen 3): four adjacent rows when the model fits in the last-level cache
-/// (sysfs's L3 size), four streams when it streams from DRAM;
-/// RUN_Q8_STREAMS=0|1 overrides.
-fn q8Streams(init: std.process.Init, io: Io, model_bytes: usize) bool {
-    if (!has_avx2) return false; // the other kernels have one shape
-    if (init.environ_map.get("RUN_Q8_STREAMS")) |v| {
-        if (std.mem.eql(u8, v, "0")) return false;
-        if (std.mem.eql(u8, v, "1")) return true;
-    }
-    var buf: [32]u8 = undefined;
-    const text = Io.Dir.cwd().readFile(io, "/sys/devices/system/cpu/cpu0/cache/index3/size", &buf) catch return true;
-    const kb = std.fmt.parseInt(usize, std.mem.trimEnd(u8, text, "K\n"), 10) catch return true;
-    return @as(f64, @floatFromInt(model_bytes)) > 0.9 * @as(f64, @floatFromInt(kb * 1024));
-}
-
 fn threadCount(init: std.process.Init) usize {
     if (builtin.single_threaded) return 1;
     if (init.environ_map.get("OMP_NUM_THREADS")) |v| {
@@ -1709,7 +1643,6 @@ fn cli(init: std.process.Init, diag: *Diagnostic) !void {
     var sampler = try Sampler.init(gpa, t.config.vocab_size, o.temperature, o.topp, seed);
     defer sampler.deinit(gpa);
     try t.useThreads(io, threadCount(init));
-    t.q8_streams = q8Streams(init, io, weights.len);
 
     var obuf: [4096]u8 = undefined;
     var out: Output = .{ .writer = Io.File.stdout().writer(io, &obuf) };

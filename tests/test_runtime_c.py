@@ -224,20 +224,40 @@ def test_random_15m_shape_fp32(rt, tmp_path):
     assert rel_err(c_logits(m, ids[:48]), torch_logits(ref, ids[:48])) < 1e-4
 
 
-@pytest.mark.parametrize("dim,hidden,gs", [(128, 384, 64), (64, 160, 32), (64, 176, 16), (128, 256, 128),
-                                            (128, 352, 64), (64, 172, 64), (128, 320, 128)])
-@pytest.mark.parametrize("streams", ["0", "1"])
-def test_random_int8_group_sizes(rt, tmp_path, monkeypatch, dim, hidden, gs, streams):
-    """Each kernel: gs % 64 == 0 (VNNI), gs 32 with a half-vector tail (VNNI), others (portable);
-    groups that straddle w2's rows (hidden % gs != 0): in halves of 32 (the 42M shape, 1376 with
-    64), quarters of 4 (172 with 64, as llama2.c exports stories260K), and 64 of 128. On AVX2
-    CPUs both shapes of the int8 kernel: four adjacent rows per pass and four streams (RUN_Q8_STREAMS)."""
+def test_random_fp32_rows_not_multiple_of_4(rt, tmp_path):
+    """The four-stream kernels (AVX2, WebAssembly) take a thread's rows in four parts and the
+    last rows (rows % 4) alone: hidden 170 and a vocabulary of 509 rows have such rows. In
+    this process (one thread per core) and with OMP_NUM_THREADS=1."""
     import export
     from model import ModelArgs
 
-    monkeypatch.setenv("RUN_Q8_STREAMS", streams)
+    ref = random_model(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=509,
+                                 hidden_dim=170, max_seq_len=128), seed=11)
+    path = tmp_path / "m.bin"
+    export.write_v1(ref, path)
+    m = rt.Model(path)
+    ids = m.generate(steps=100, temperature=0, stop_at_bos=False)
+    assert ids == torch_greedy(ref, 100)
+    assert rel_err(c_logits(m, ids[:100]), torch_logits(ref, ids[:100])) < 1e-4
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from runtime import Model; "
+            f"print(Model({str(path)!r}).generate(steps=100, temperature=0, stop_at_bos=False))")
+    one = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True)
+    assert one.stdout == f"{ids}\n"
 
-    ref = random_model(ModelArgs(dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=512,
+
+@pytest.mark.parametrize("dim,hidden,gs", [(128, 384, 64), (64, 160, 32), (64, 176, 16), (128, 256, 128),
+                                            (128, 352, 64), (64, 172, 64), (128, 320, 128)])
+@pytest.mark.parametrize("vocab", [512, 509])
+def test_random_int8_group_sizes(rt, tmp_path, dim, hidden, gs, vocab):
+    """Each kernel: gs % 64 == 0 (VNNI), gs 32 with a half-vector tail (VNNI), others (portable);
+    groups that straddle w2's rows (hidden % gs != 0): in halves of 32 (the 42M shape, 1376 with
+    64), quarters of 4 (172 with 64, as llama2.c exports stories260K), and 64 of 128. A vocabulary
+    of 509 rows leaves the four-stream kernels (AVX2) a last row to do alone."""
+    import export
+    from model import ModelArgs
+
+    ref = random_model(ModelArgs(dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=vocab,
                                  max_seq_len=128, hidden_dim=hidden), seed=gs)
     export.write_v2(ref, tmp_path / "q.bin", group_size=gs)
     deq = export.load_model_bin(str(tmp_path / "q.bin")).eval()
