@@ -504,8 +504,7 @@ static inline float hsum256(__m256 v) {
 
 /* int8 dot products with AVX2 for group sizes that are multiples of 32, R rows
  * sharing each load of x: rows r, r + rs, r + 2 rs, ... (R streams), each
- * prefetched `ahead` rows on.
- * pmaddubsw multiplies unsigned by signed bytes, so |x| is the unsigned side
+ * prefetched `ahead` rows on. pmaddubsw multiplies unsigned by signed bytes, so |x| is the unsigned side
  * and x's sign moves onto w (sign_epi8); its pair sums stay below
  * 2 * 127 * 127 < 32767, so they never saturate. */
 static inline __attribute__((always_inline)) void
@@ -576,8 +575,9 @@ static void matmul_f32(float *out, const float *x, const float *w, int n, int r0
 #elif defined(HAVE_AVX2)
     /* Four streams: this thread's rows in four parts, walked side by side, two
      * accumulators each. On an AMD EPYC (Zen 3) a core's DRAM bandwidth grows
-     * with the independent streams in flight: measured 1.3-1.45x one row at a
-     * time at 42M/110M; software prefetch measured slower here. */
+     * with the independent streams in flight: measured 1.34-1.53x one row at a
+     * time (15M-110M, 1 and 2 threads); eight streams were no faster, and
+     * software prefetch made one row at a time slower. */
     const int q = (r1 - r0) / 4, nv = n & ~15;
     for (; r < r0 + q; r++) {
         const float *wr[4] = {w + (size_t)r * n, w + (size_t)(r + q) * n, w + (size_t)(r + 2 * q) * n,

@@ -416,9 +416,13 @@ const State = struct {
     hb: []f32, // H: feed-forward
     hb2: []f32,
     q: []f32, // D: query
+    k: []f32, // kvD: this position's key and value, before they go into the cache
+    v: []f32,
     att: []f32, // n_heads × S: attention scores
     logits: []f32, // V
-    key_cache: []f32, // L × S × kvD
+    // L × n_kv_heads × S × hs: each head's keys (values) are one contiguous
+    // stream for attention to read, as in run.c (1.1x at 42M int8 over S × kvD)
+    key_cache: []f32,
     value_cache: []f32,
     xq: []i8, // the quantized matmul input (int8 models), max(D, H)
     xs: []f32, // its group scales
@@ -440,6 +444,8 @@ const State = struct {
             .hb = try a.alloc(f32, c.hidden_dim),
             .hb2 = try a.alloc(f32, c.hidden_dim),
             .q = try a.alloc(f32, c.dim),
+            .k = try a.alloc(f32, c.kvDim()),
+            .v = try a.alloc(f32, c.kvDim()),
             .att = try a.alloc(f32, c.n_heads * c.seq_len),
             .logits = try a.alloc(f32, c.vocab_size),
             .key_cache = try a.alloc(f32, kv),
@@ -602,7 +608,7 @@ fn quantize(q: []i8, scales: []f32, x: []const f32, gs: usize) void {
 /// fp32 kernel shape, measured: under WebAssembly and on AVX2 CPUs such as
 /// AMD Zen 3, four streams (this share of rows in four parts, walked side by
 /// side: a core's DRAM bandwidth grows with the independent streams in flight;
-/// 1.3-1.45x one row at a time); on AVX-512 Intel, four adjacent rows with
+/// 1.34-1.53x one row at a time in run.c); on AVX-512 Intel, four adjacent rows with
 /// software prefetch, as in run.c.
 const four_streams = builtin.cpu.arch.isWasm() or (builtin.cpu.arch == .x86_64 and
     !std.Target.x86.featureSetHas(builtin.cpu.features, .avx512f));
@@ -909,9 +915,11 @@ fn rope(x: []f32, lo: usize, hi: usize, hs: usize, cos: []const f32, sin: []cons
     }
 }
 
-fn cacheRow(t: *Transformer, cache: []f32, layer: usize, pos: usize) []f32 {
-    const kvD = t.config.kvDim();
-    return cache[(layer * t.config.seq_len + pos) * kvD ..][0..kvD];
+/// Head `kv_head`'s keys (or values) in a layer's KV cache: seq_len × hs.
+fn headCache(t: *Transformer, cache: []f32, layer: usize, kv_head: usize) []f32 {
+    const c = t.config;
+    const n = c.seq_len * c.headSize();
+    return cache[(layer * c.n_kv_heads + kv_head) * n ..][0..n];
 }
 
 /// q, k and v for this position (k and v straight into the cache), with RoPE.
@@ -922,15 +930,17 @@ fn attentionInputs(st: Step, part: Part) void {
     const hs = t.config.headSize();
     const cos = s.rope_cos[st.pos * (hs / 2) ..][0 .. hs / 2];
     const sin = s.rope_sin[st.pos * (hs / 2) ..][0 .. hs / 2];
-    const k = cacheRow(t, s.key_cache, st.layer, st.pos);
-    const v = cacheRow(t, s.value_cache, st.layer, st.pos);
     const qa, const qb = part.rows(t.config.dim);
     t.matmul(s.q, layer.wq, s.xb, qa, qb);
     rope(s.q, qa, qb, hs, cos, sin);
-    const ka, const kb = part.rows(k.len);
-    t.matmul(k, layer.wk, s.xb, ka, kb);
-    t.matmul(v, layer.wv, s.xb, ka, kb);
-    rope(k, ka, kb, hs, cos, sin);
+    const ka, const kb = part.rows(s.k.len);
+    t.matmul(s.k, layer.wk, s.xb, ka, kb);
+    t.matmul(s.v, layer.wv, s.xb, ka, kb);
+    rope(s.k, ka, kb, hs, cos, sin);
+    for (ka..kb) |r| {
+        headCache(t, s.key_cache, st.layer, r / hs)[st.pos * hs + r % hs] = s.k[r];
+        headCache(t, s.value_cache, st.layer, r / hs)[st.pos * hs + r % hs] = s.v[r];
+    }
 }
 
 /// Causal attention over positions 0..pos, heads split over the parts; out into xb.
@@ -939,19 +949,18 @@ fn attention(st: Step, part: Part) void {
     const c = t.config;
     const s = &t.state;
     const hs = c.headSize();
-    const kvD = c.kvDim();
     const group = c.n_heads / c.n_kv_heads;
     const scale = 1.0 / @sqrt(@as(f32, @floatFromInt(hs)));
-    const layer_off = st.layer * c.seq_len * kvD;
     for (c.n_heads * part.index / part.count..c.n_heads * (part.index + 1) / part.count) |h| {
         const q = s.q[h * hs ..][0..hs];
         const att = s.att[h * c.seq_len ..][0 .. st.pos + 1];
-        const off = layer_off + (h / group) * hs;
-        for (att, 0..) |*a, p| a.* = dot(q, s.key_cache[off + p * kvD ..][0..hs]) * scale;
+        const keys = headCache(t, s.key_cache, st.layer, h / group);
+        const values = headCache(t, s.value_cache, st.layer, h / group);
+        for (att, 0..) |*a, p| a.* = dot(q, keys[p * hs ..][0..hs]) * scale;
         softmax(att);
         const o = s.xb[h * hs ..][0..hs];
         @memset(o, 0);
-        for (att, 0..) |a, p| axpy(o, a, s.value_cache[off + p * kvD ..][0..hs]);
+        for (att, 0..) |a, p| axpy(o, a, values[p * hs ..][0..hs]);
     }
 }
 

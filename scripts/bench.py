@@ -15,7 +15,8 @@ timer (load and sampling excluded, the 1st token too). Builds and llama.cpp take
 round, so a burst of load from elsewhere hits all of them alike; the table gives the median and the
 spread (max - min) of --runs rounds.
 
-The limit: a STREAM-style read bandwidth at 1 and 2 threads (scripts/bench_run.py's kernel); the
+The limit: a STREAM-style read bandwidth at 1 and 2 threads (scripts/bench_run.py's kernel: the
+best of 1, 2, 4 or 8 streams per thread, since one stream under-reads some CPUs); the
 bound is bandwidth / bytes read per token (all weights + the mean KV cache read over the run).
 
 Writes results/bench/{bench.json, bench.md, bench.png} and results/README_perf.md (--docs: also
@@ -470,7 +471,7 @@ def markdown(res, chart_name="bench.png") -> str:
          f"- caches: {', '.join(f'{k} {v}' for k, v in m['caches'].items())}",
          f"- compilers: {m['gcc']}; {m['clang']}; {m['zig']}",
          f"- peer: {m['llama.cpp']} (llama.cpp built from source, GGML_NATIVE=ON)",
-         "- read bandwidth (STREAM-style sum over 1 GiB): "
+         "- read bandwidth (STREAM-style sum over 1 GiB, the best of 1, 2, 4 or 8 streams per thread): "
          + ", ".join(f"{t} thread{'s' * (int(t) > 1)} {bw:.1f} GB/s" for t, bw in res["bandwidth"].items()),
          f"- load average (1 min) at the start / end of the run: {m['load_avg']:.1f} / {res['load_end']:.1f} "
          "(a shared 2-core machine: other jobs running at the same time slow some rounds, see the min-max)", "",
