@@ -74,7 +74,9 @@ def test_random_models_greedy_ids_match_c(module, tmp_path, name, version, gs, a
     write_id_tokenizer(tmp_path / "t.bin", args["vocab_size"])
     code, out, err = run_wasi(module, tmp_path, ["m.bin", "-z", "t.bin", "-n", 0, "-t", 0])
     assert code == 0, err
-    assert [1] + parse_ids(out.decode()) == c_greedy(tmp_path / "m.bin", args["max_seq_len"])
+    want = c_greedy(tmp_path / "m.bin", args["max_seq_len"])
+    assert [1] + parse_ids(out.decode()) == want
+    assert len(set(want)) > 5  # a run that wanders, not BOS repeated (see zigweb_util.random_model)
 
 
 def test_errors_are_one_line(module, tmp_path):

@@ -63,6 +63,11 @@ def random_model(path, version, seed=0, group_size=None, **args):
         for name, p in m.named_parameters():
             if p.dim() == 2:
                 p.mul_(0.7 / (0.02 * p.shape[1] ** 0.5) if "tok_embeddings" not in name else 25.0)
+        # a classifier of its own: with the embedding as classifier a random model's greedy
+        # output repeats BOS, and a run that stops at BOS would compare [BOS] with [BOS]
+        m.untie_classifier()
+        w = m.output.weight
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 1)) * 3 / w.shape[1] ** 0.5)
     m.eval()
     if version == 0:
         export.write_v0(m, path)
