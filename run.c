@@ -504,9 +504,9 @@ static inline float hsum256(__m256 v) {
 
 /* int8 dot products with AVX2 for group sizes that are multiples of 32, R rows
  * sharing each load of x: rows r, r + rs, r + 2 rs, ... (R streams), each
- * prefetched `ahead` rows on. pmaddubsw multiplies unsigned by signed bytes, so |x| is the unsigned side
- * and x's sign moves onto w (sign_epi8); its pair sums stay below
- * 2 * 127 * 127 < 32767, so they never saturate. */
+ * prefetched `ahead` rows on. pmaddubsw multiplies unsigned by signed bytes,
+ * so |x| is the unsigned side and x's sign moves onto w (sign_epi8); its pair
+ * sums stay below 2 * 127 * 127 < 32767, so they never saturate. */
 static inline __attribute__((always_inline)) void
 q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
             int n, int gs, int r, const int R, int rs, int ahead) {
@@ -539,8 +539,9 @@ q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, con
 }
 #endif
 
-/* fp32 rows [r0, r1) of out = W x, W is (rows × n). Four rows per pass reuse
- * each load of x; the loop is memory-bound, so this is about streaming W. */
+/* fp32 rows [r0, r1) of out = W x, W is (rows × n). Four rows per pass share
+ * each load of x (adjacent rows on AVX-512, four streams on AVX2); the loop is
+ * memory-bound, so the shape is about streaming W. */
 static void matmul_f32(float *out, const float *x, const float *w, int n, int r0, int r1) {
     int r = r0;
 #if defined(__AVX512F__)

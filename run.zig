@@ -608,8 +608,8 @@ fn quantize(q: []i8, scales: []f32, x: []const f32, gs: usize) void {
 /// fp32 kernel shape, measured: under WebAssembly and on AVX2 CPUs such as
 /// AMD Zen 3, four streams (this share of rows in four parts, walked side by
 /// side: a core's DRAM bandwidth grows with the independent streams in flight;
-/// 1.34-1.53x one row at a time in run.c); on AVX-512 Intel, four adjacent rows with
-/// software prefetch, as in run.c.
+/// 1.34-1.53x one row at a time in run.c); on AVX-512 Intel, four adjacent
+/// rows with software prefetch, as in run.c.
 const four_streams = builtin.cpu.arch.isWasm() or (builtin.cpu.arch == .x86_64 and
     !std.Target.x86.featureSetHas(builtin.cpu.features, .avx512f));
 
@@ -786,9 +786,9 @@ extern fn @"llvm.x86.avx2.psign.b"(a: I8x32, b: I8x32) I8x32;
 
 /// The int8 kernel for AVX2 CPUs, as run.c's: four rows per pass share each
 /// load of x, rows r, r + stride, r + 2 stride, r + 3 stride (four streams),
-/// each prefetched `ahead` rows on.
-/// |x| is the unsigned side and x's sign moves onto w; the i16 pair sums stay
-/// below 2 * 127 * 127, so never saturate. `rows` is 4, or 1 for the last rows.
+/// each prefetched `ahead` rows on. |x| is the unsigned side and x's sign
+/// moves onto w; the i16 pair sums stay below 2 * 127 * 127, so never
+/// saturate. `rows` is 4, or 1 for the last rows.
 fn q8RowsAvx2(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, r: usize, comptime rows: usize, stride: usize, ahead: usize) void {
     const n = xq.len;
     const ng = n / gs;
@@ -922,7 +922,7 @@ fn headCache(t: *Transformer, cache: []f32, layer: usize, kv_head: usize) []f32 
     return cache[(layer * c.n_kv_heads + kv_head) * n ..][0..n];
 }
 
-/// q, k and v for this position (k and v straight into the cache), with RoPE.
+/// q, k and v for this position, with RoPE; k and v then go into each head's cache.
 fn attentionInputs(st: Step, part: Part) void {
     const t = st.t;
     const s = &t.state;

@@ -32,3 +32,32 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"fixture {path} not present (../shared/fixtures is optional)")
     return path
+
+
+def random_transformer(args, seed):
+    """A model.py Transformer with random weights spread wide (init std 0.02 gives near-flat
+    logits, where greedy ties are likely); its classifier is the embedding, as llama2.c's."""
+    import torch
+
+    from model import Transformer
+
+    torch.manual_seed(seed)
+    m = Transformer(args)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2:
+                p.mul_(0.7 / (0.02 * p.shape[1] ** 0.5) if "tok_embeddings" not in name else 25.0)
+    return m.eval()
+
+
+def random_classifier(model, seed):
+    """Untie the classifier and give it weights of its own. With the embedding as classifier,
+    a random model's greedy output repeats its input token (BOS) forever; with independent
+    weights (logits of std ~3) it wanders over dozens of tokens, so greedy runs test decoding."""
+    import torch
+
+    model.untie_classifier()
+    w = model.output.weight
+    with torch.no_grad():
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)) * 3 / w.shape[1] ** 0.5)
+    return model

@@ -20,7 +20,17 @@ import sys
 import numpy as np
 import pytest
 from bench_run import write_tokenizer, write_v1, write_v2
-from crt_util import LLAMA_TOK_BIN, LLAMA_TOK_MODEL, ROOT, STORIES260K, TINY, build, need
+from crt_util import (
+    LLAMA_TOK_BIN,
+    LLAMA_TOK_MODEL,
+    ROOT,
+    STORIES260K,
+    TINY,
+    build,
+    need,
+    random_classifier,
+    random_transformer,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -52,30 +62,6 @@ def torch_logits(model, ids):
 def torch_greedy(model, steps):
     with torch.no_grad():
         return model.generate(torch.tensor([[1]]), steps, temperature=0.0)[0].tolist()
-
-
-def random_model(args, seed):
-    from model import Transformer
-
-    torch.manual_seed(seed)
-    m = Transformer(args)
-    # spread the weights (init std 0.02 gives near-flat logits, where greedy ties are likely)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 2:
-                p.mul_(0.7 / (0.02 * p.shape[1] ** 0.5) if "tok_embeddings" not in name else 25.0)
-    return m.eval()
-
-
-def random_classifier(model, seed):
-    """Untie the classifier and give it weights of its own. With the embedding as classifier,
-    a random model's greedy output repeats its input token (BOS) forever; with independent
-    weights (logits of std ~3) it wanders over dozens of tokens, so greedy runs test decoding."""
-    model.untie_classifier()
-    w = model.output.weight
-    with torch.no_grad():
-        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)) * 3 / w.shape[1] ** 0.5)
-    return model
 
 
 def args_260k():
@@ -209,7 +195,7 @@ def test_stories260k_int8_agrees(rt, tmp_path):
 def test_random_260k_shape_fp32(rt, tmp_path, version, shared):
     import export
 
-    ref = random_model(args_260k(), seed=version * 2 + shared)
+    ref = random_transformer(args_260k(), seed=version * 2 + shared)
     if not shared:
         random_classifier(ref, seed=version)
     path = tmp_path / "m.bin"
@@ -227,7 +213,7 @@ def test_random_15m_shape_fp32(rt, tmp_path):
     import export
     from model import ModelArgs
 
-    ref = random_model(ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256), seed=3)
+    ref = random_transformer(ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256), seed=3)
     random_classifier(ref, seed=3)
     export.write_v1(ref, tmp_path / "m.bin")
     m = rt.Model(tmp_path / "m.bin")
@@ -243,7 +229,7 @@ def test_random_fp32_rows_not_multiple_of_4(rt, tmp_path):
     import export
     from model import ModelArgs
 
-    ref = random_model(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=509,
+    ref = random_transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=509,
                                  hidden_dim=170, max_seq_len=128), seed=11)
     random_classifier(ref, seed=11)
     path = tmp_path / "m.bin"
@@ -270,7 +256,7 @@ def test_random_int8_group_sizes(rt, tmp_path, dim, hidden, gs, vocab):
     import export
     from model import ModelArgs
 
-    ref = random_model(ModelArgs(dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=vocab,
+    ref = random_transformer(ModelArgs(dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=vocab,
                                  max_seq_len=128, hidden_dim=hidden), seed=gs)
     random_classifier(ref, seed=gs)
     export.write_v2(ref, tmp_path / "q.bin", group_size=gs)

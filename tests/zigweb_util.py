@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from crt_util import ROOT, STORIES260K, TINY, build, need  # noqa: F401 (re-exported)
+from crt_util import ROOT, STORIES260K, TINY, build, need, random_classifier, random_transformer  # noqa: F401
 
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # bench_run.py's numpy writers: top level or scripts/
 from bench_run import write_tokenizer, write_v0, write_v1, write_v2  # noqa: E402, F401 (re-exported)
@@ -52,23 +52,13 @@ def c_greedy(path, steps, prompt_ids=None, **kw):
 
 def random_model(path, version, seed=0, group_size=None, **args):
     """A random model.py Transformer written by export.py (v0, v1 fp32 or v2 int8)."""
-    import torch
 
     import export
-    from model import ModelArgs, Transformer
+    from model import ModelArgs
 
-    torch.manual_seed(seed)
-    m = Transformer(ModelArgs(**args))
-    with torch.no_grad():  # spread the weights, so greedy has no near-ties
-        for name, p in m.named_parameters():
-            if p.dim() == 2:
-                p.mul_(0.7 / (0.02 * p.shape[1] ** 0.5) if "tok_embeddings" not in name else 25.0)
-        # a classifier of its own: with the embedding as classifier a random model's greedy
-        # output repeats BOS, and a run that stops at BOS would compare [BOS] with [BOS]
-        m.untie_classifier()
-        w = m.output.weight
-        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 1)) * 3 / w.shape[1] ** 0.5)
-    m.eval()
+    # a classifier of its own: with the embedding as classifier a random model's greedy
+    # output repeats BOS, and a run that stops at BOS would compare [BOS] with [BOS]
+    m = random_classifier(random_transformer(ModelArgs(**args), seed), seed + 1)
     if version == 0:
         export.write_v0(m, path)
     elif version == 1:
