@@ -951,17 +951,34 @@ fn attention(st: Step, part: Part) void {
     const hs = c.headSize();
     const group = c.n_heads / c.n_kv_heads;
     const scale = 1.0 / @sqrt(@as(f32, @floatFromInt(hs)));
-    for (c.n_heads * part.index / part.count..c.n_heads * (part.index + 1) / part.count) |h| {
+    const end = c.n_heads * (part.index + 1) / part.count;
+    for (c.n_heads * part.index / part.count..end) |h| {
         const q = s.q[h * hs ..][0..hs];
         const att = s.att[h * c.seq_len ..][0 .. st.pos + 1];
         const keys = headCache(t, s.key_cache, st.layer, h / group);
         const values = headCache(t, s.value_cache, st.layer, h / group);
-        for (att, 0..) |*a, p| a.* = dot(q, keys[p * hs ..][0..hs]) * scale;
+        // a head's keys and values are short streams the hardware prefetcher
+        // meets cold: fetch the values while reading the keys, and the next
+        // head's keys while reading the values (as run.c)
+        const next_keys = if (h + 1 < end) headCache(t, s.key_cache, st.layer, (h + 1) / group) else null;
+        for (att, 0..) |*a, p| {
+            prefetchRow(values[p * hs ..][0..hs]);
+            a.* = dot(q, keys[p * hs ..][0..hs]) * scale;
+        }
         softmax(att);
         const o = s.xb[h * hs ..][0..hs];
         @memset(o, 0);
-        for (att, 0..) |a, p| axpy(o, a, values[p * hs ..][0..hs]);
+        for (att, 0..) |a, p| {
+            if (next_keys) |nk| prefetchRow(nk[p * hs ..][0..hs]);
+            axpy(o, a, values[p * hs ..][0..hs]);
+        }
     }
+}
+
+/// A prefetch per cache line of `row` (WebAssembly has none: a no-op there).
+inline fn prefetchRow(row: []const f32) void {
+    var i: usize = 0;
+    while (i < row.len) : (i += 16) @prefetch(row[i..].ptr, .{});
 }
 
 fn attentionOutput(st: Step, part: Part) void {

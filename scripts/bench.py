@@ -16,8 +16,12 @@ round, so a burst of load from elsewhere hits all of them alike; the table gives
 spread (max - min) of --runs rounds.
 
 The limit: a STREAM-style read bandwidth at 1 and 2 threads (scripts/bench_run.py's kernel: the
-best of 1, 2, 4 or 8 streams per thread, since one stream under-reads some CPUs); the
-bound is bandwidth / bytes read per token (all weights + the mean KV cache read over the run).
+best of 1, 2, 4 or 8 streams per thread, since one stream under-reads some CPUs), measured once at
+the start and again right before our runtime's run in every round: on a shared host the bandwidth
+left to us drifts by 10-30% within minutes, so a bound measured minutes away from the run it divides
+says more about the neighbours than about the runtime. The bound is the median of the bandwidths
+measured alongside that shape's runs / bytes read per token (all weights + the mean KV cache read
+over the run).
 
 Writes results/bench/{bench.json, bench.md, bench.png} and results/README_perf.md (--docs: also
 docs/performance.md and docs/bench.png). The aarch64 cross build is built (size) but not timed here:
@@ -409,6 +413,13 @@ def _key(shape, prec, t) -> str:
     return f"{shape}/{prec}/{t}t"
 
 
+def bandwidth_for(res, key, threads) -> float:
+    """GB/s for one shape/precision/threads: the median of those measured alongside its rounds
+    (results from before that was recorded: the one measured at the start)."""
+    along = [v for v in res.get("bandwidth_at", {}).get(key, []) if v]
+    return statistics.median(along) if along else res["bandwidth"][str(threads)]
+
+
 def ratios(res) -> list[dict]:
     """Per shape, precision, threads: our reference build vs llama.cpp and vs the bound."""
     rows = []
@@ -419,8 +430,9 @@ def ratios(res) -> list[dict]:
                 ours = res["ours"].get(REF, {}).get(k)
                 peer = res["llama"].get(k)
                 bpt = bytes_per_token(shape, prec, res["steps"])
-                bound = res["bandwidth"][str(t)] * 1e9 / bpt
-                pbound = res["bandwidth"][str(t)] * 1e9 / bytes_per_token(shape, prec, res["steps"], gguf=True)
+                bw = bandwidth_for(res, k, t)
+                bound = bw * 1e9 / bpt
+                pbound = bw * 1e9 / bytes_per_token(shape, prec, res["steps"], gguf=True)
                 rows.append({
                     "shape": shape, "prec": prec, "threads": t, "ours": ours and ours["median"],
                     "llama": peer and peer["median"], "ratio": ours and peer and ours["median"] / peer["median"],
@@ -457,6 +469,16 @@ def speedup(res, base, new, threads=1) -> list[tuple[str, float]]:
             for k in a if k in b and a[k] and b[k] and k.endswith(f"/{threads}t")]
 
 
+def bandwidth_range(res) -> str:
+    """'; alongside the runs: 1 thread 12.1-15.0 GB/s, ...' (empty for results without it)."""
+    spans = []
+    for t in res["threads"]:
+        vals = [v for k, vs in res.get("bandwidth_at", {}).items() if k.endswith(f"/{t}t") for v in vs if v]
+        if vals:
+            spans.append(f"{t} thread{'s' * (t > 1)} {min(vals):.1f}-{max(vals):.1f} GB/s")
+    return "; measured alongside the runs: " + ", ".join(spans) if spans else ""
+
+
 def markdown(res, chart_name="bench.png") -> str:
     m = res["machine"]
     rows = ratios(res)
@@ -471,14 +493,16 @@ def markdown(res, chart_name="bench.png") -> str:
          f"- caches: {', '.join(f'{k} {v}' for k, v in m['caches'].items())}",
          f"- compilers: {m['gcc']}; {m['clang']}; {m['zig']}",
          f"- peer: {m['llama.cpp']} (llama.cpp built from source, GGML_NATIVE=ON)",
-         "- read bandwidth (STREAM-style sum over 1 GiB, the best of 1, 2, 4 or 8 streams per thread): "
-         + ", ".join(f"{t} thread{'s' * (int(t) > 1)} {bw:.1f} GB/s" for t, bw in res["bandwidth"].items()),
+         "- read bandwidth (STREAM-style sum over 1 GiB, the best of 1, 2, 4 or 8 streams per thread) at the "
+         "start: " + ", ".join(f"{t} thread{'s' * (int(t) > 1)} {bw:.1f} GB/s" for t, bw in res["bandwidth"].items())
+         + bandwidth_range(res),
          f"- load average (1 min) at the start / end of the run: {m['load_avg']:.1f} / {res['load_end']:.1f} "
          "(a shared 2-core machine: other jobs running at the same time slow some rounds, see the min-max)", "",
          "### Our runtime vs llama.cpp and the bound", "",
          f"Ours: the `{REF}` build (`make runomp`). llama.cpp: the same weights as GGUF (f32 / q8_0), "
          "eval time of 255 single-token decodes (load, sampling and the first token excluded). "
-         "Bound: read bandwidth at that thread count / bytes read per token.", "",
+         "Bound: read bandwidth at that thread count, measured right before our runtime's run in each round "
+         "(median of the rounds), / bytes read per token.", "",
          "| shape | precision | threads | MB read/token | ours tok/s | llama.cpp tok/s | ours ÷ llama.cpp | "
          "bound tok/s | ours ÷ bound | llama.cpp ÷ bound |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -638,7 +662,7 @@ def main(argv=None) -> int:
                 bs = [b for b in timed if t == 1 or b["openmp"]]
                 jobs.append((shape, prec, t, bs))
     total = sum(args.runs * (len(bs) + llama) for *_, bs in jobs)
-    raw_ours, raw_llama = {}, {}
+    raw_ours, raw_llama, bw_at = {}, {}, {}
     with tqdm(total=total, desc="timing", unit="run") as bar:
         for shape, prec, t, bs in jobs:
             k = _key(shape, prec, t)
@@ -650,6 +674,8 @@ def main(argv=None) -> int:
                     elif b.get("web"):
                         v = time_chromium(b["path"], files[shape], prec, args.steps, seed=r + 1)
                     else:
+                        if b["name"] == REF:  # the bound's bandwidth, measured right before the run it divides
+                            bw_at.setdefault(k, []).append(stream_bandwidth(t))
                         v = time_ours(b["path"], files[shape], prec, t, args.steps, seed=r + 1)
                     raw_ours.setdefault(b["name"], {}).setdefault(k, []).append(v)
                     bar.update()
@@ -669,7 +695,7 @@ def main(argv=None) -> int:
            + (f" --shapes {args.shapes}" if args.shapes else "") + (f" --builds {args.builds}" if args.builds else ""),
            "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "runs": args.runs, "steps": args.steps,
            "shapes": shapes, "precisions": precisions, "threads": threads, "machine": m, "llc_bytes": llc_bytes(),
-           "bandwidth": bandwidth, "builds": builds,
+           "bandwidth": bandwidth, "bandwidth_at": bw_at, "builds": builds,
            "ours": {n: {k: summary(v) for k, v in d.items()} for n, d in raw_ours.items()},
            "llama": {k: summary(v) for k, v in raw_llama.items()}, "load_end": os.getloadavg()[0]}
     stamp = ROOT / ".venv" / ".bench-llama-build-s"

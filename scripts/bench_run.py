@@ -6,7 +6,8 @@
 Writes random-weight model.bin files (v1 fp32 and v2 int8, straight from numpy:
 speed does not depend on the weights) into bench_cache/, builds `make runomp`,
 times 256-token generations (median of --runs, parsing "achieved tok/s"), measures
-a STREAM-style read bandwidth with a small C kernel at the same thread counts, and
+a STREAM-style read bandwidth with a small C kernel at the same thread counts (at the
+start, and again right before each timed run: the median of those is the bound's), and
 prints bound = bandwidth / bytes of weights read per token, and tok/s as a fraction
 of that bound. Top-p overhead is measured as -p 0.9 vs -p 1 (off).
 
@@ -228,14 +229,20 @@ int main(void) {
 """
 
 
+_stream_dir = None  # the compiled kernel, built once per process
+
+
 def stream_bandwidth(threads):
     """GB/s of a read-only sweep over 1 GiB with `threads` threads."""
-    with tempfile.TemporaryDirectory() as d:
-        src, exe = Path(d) / "stream.c", Path(d) / "stream"
+    global _stream_dir
+    if _stream_dir is None:
+        _stream_dir = tempfile.TemporaryDirectory()
+        src = Path(_stream_dir.name) / "stream.c"
         src.write_text(STREAM_C)
-        subprocess.run(["gcc", "-O3", "-ffast-math", "-fopenmp", "-march=native", str(src), "-o", str(exe)], check=True)
-        out = subprocess.run([str(exe)], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                             capture_output=True, text=True, check=True).stdout
+        subprocess.run(["gcc", "-O3", "-ffast-math", "-fopenmp", "-march=native", str(src), "-o",
+                        str(src.with_suffix(""))], check=True)
+    out = subprocess.run([str(Path(_stream_dir.name) / "stream")], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                         capture_output=True, text=True, check=True).stdout
     return float(out.split()[0])
 
 
@@ -298,11 +305,14 @@ def timer(exe, model, threads, reps, steps, topp=0.9):
     return tuple(float(v) for v in out.split())
 
 
-def tok_per_s(model, tok, threads, runs, steps, topp, exe=None):
+def tok_per_s(model, tok, threads, runs, steps, topp, exe=None, before=None):
+    """Median tok/s of `runs` generations; before() is called before each one."""
     vals = []
     for r in range(3 * runs):  # a run that samples BOS at once reports 0 tok/s: skip it
         if len(vals) == runs:
             break
+        if before:
+            before()
         p = subprocess.run([str(exe or ROOT / "run"), str(model), "-z", str(tok), "-n", str(steps), "-s", str(r + 1),
                             "-p", str(topp)], env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace", check=True)
@@ -358,7 +368,9 @@ def main():
                 (write_v1 if version == 1 else write_v2)(path, cfg)
             wb = weight_bytes(cfg, version)
             for t in threads:
-                off = tok_per_s(path, tok, t, args.runs, args.steps, 1.0)
+                along = []  # the bandwidth right before each run: the host's share drifts
+                off = tok_per_s(path, tok, t, args.runs, args.steps, 1.0,
+                                before=lambda: along.append(stream_bandwidth(t)))
                 on = tok_per_s(path, tok, t, args.runs, args.steps, 0.9)
                 ratio = ""
                 if old_t:  # alternate old and new, several rounds; best of each
@@ -368,7 +380,7 @@ def main():
                         new_v.append(timer(new_t, path, t, 2, args.steps)[1])
                     ratio = f"  {max(new_v) / max(old_v):.2f}x ({max(old_v):.0f} -> {max(new_v):.0f})"
                 mn, fwd, s_off, s_on = timer(new_t, path, t, args.runs, args.steps)
-                bound = bw[t] * 1e9 / wb
+                bound = statistics.median(along) * 1e9 / wb
                 topp_cost = (s_on - s_off) * 1e-6 * mn  # share of a token's time (forward + sampling)
                 note = "  (weights fit in L3: bound is DRAM's, not L3's)" if wb < L3_BYTES else ""
                 print(f"{shape:6} {prec:5} {t:3d} {wb / 1e6:7.1f} {off:8.0f} {bound:8.0f} {off / bound:6.2f} "
