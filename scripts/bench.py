@@ -105,8 +105,9 @@ FLAG_NOTES = [
      "code for this CPU: AVX2/FMA/AVX-512 (VNNI) instead of SSE2; run.c's intrinsic kernels exist only then"),
     ("-Ofast -march=native", "gcc-O3", "gcc-Ofast-native", "both of the above"),
     ("-fopenmp (1 thread)", "gcc-Ofast-native", "gcc-Ofast-native-omp",
-     "OpenMP threading; at 1 thread it only adds the parallel region and barriers of every token,"
-     " most visible where a token is cheapest (int8)"),
+     "OpenMP threading; at 1 thread it only adds the parallel region and barriers of every token:"
+     " alternating the two binaries on the EPYC (2026-11-30) gave x0.95-1.05, so a wider gap here is"
+     " a noisy round"),
     ("clang vs gcc", "gcc-Ofast-native-omp", "clang-Ofast-native-omp", "same flags, clang (LLVM) instead of gcc"),
     ("zig cc vs clang", "clang-Ofast-native", "zig-O3-fast-native",
      "zig cc is clang (a newer LLVM) with its own libc headers; no OpenMP"),
