@@ -849,9 +849,10 @@ static void forward_team(Transformer *t, int pos) {
             float *att = s->att + (size_t)h * S;
             /* Each head's keys and values are two short streams that the
              * hardware prefetcher meets cold: fetch the values while reading
-             * the keys, and the next head's keys while reading the values
-             * (+2% tok/s at 42M/110M int8, 1 and 2 threads, A/B measured). */
-            const int more = h + 1 < q1 / hs;
+             * the keys, and the next head's keys (unless it shares these)
+             * while reading the values (+2% tok/s at 42M/110M int8, 1 and 2
+             * threads, A/B measured). */
+            const int more = h + 1 < q1 / hs && (h + 1) / kvmul != h / kvmul;
             const float *kn = more ? kl + (size_t)((h + 1) / kvmul) * S * hs : kh;
             for (int p = 0; p <= pos; p++) {
                 for (int i = 0; i < hs; i += 16) __builtin_prefetch(vh + (size_t)p * hs + i);

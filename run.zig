@@ -959,8 +959,11 @@ fn attention(st: Step, part: Part) void {
         const values = headCache(t, s.value_cache, st.layer, h / group);
         // a head's keys and values are short streams the hardware prefetcher
         // meets cold: fetch the values while reading the keys, and the next
-        // head's keys while reading the values (as run.c)
-        const next_keys = if (h + 1 < end) headCache(t, s.key_cache, st.layer, (h + 1) / group) else null;
+        // head's keys (unless it shares these) while reading the values (as run.c)
+        const next_keys = if (h + 1 < end and (h + 1) / group != h / group)
+            headCache(t, s.key_cache, st.layer, (h + 1) / group)
+        else
+            null;
         for (att, 0..) |*a, p| {
             prefetchRow(values[p * hs ..][0..hs]);
             a.* = dot(q, keys[p * hs ..][0..hs]) * scale;
