@@ -104,6 +104,7 @@ typedef struct {
     float *xn;                /* D: rmsnorm output */
     int8_t *xq;               /* quantized matmul input (int8 models), max(D,H) */
     float *xs;                /* its group scales */
+    double busy;              /* seconds in row-split matmuls this token */
 } Scratch;
 
 typedef struct {
@@ -116,7 +117,8 @@ typedef struct {
     float *key_cache;         /* L × n_kv_heads × S × hs: head-major, so attention */
     float *value_cache;       /* reads each head's past keys/values as one stream */
     Scratch *th;              /* one per thread (n_th) */
-    int n_th;
+    int n_th, team;           /* threads allocated for; in the last forward's team */
+    double *cut;              /* n_th + 1: thread t's rows are [cut[t], cut[t+1]) of each matrix */
     float *rope_cos, *rope_sin; /* S × hs/2, computed once at load */
 } RunState;
 
@@ -136,7 +138,7 @@ static void free_state(Transformer *t) {
     free(s->x); free(s->xb); free(s->xb2); free(s->hb); free(s->hb2); free(s->q); free(s->k); free(s->v);
     free(s->att); free(s->logits); free(s->key_cache); free(s->value_cache);
     for (int i = 0; s->th && i < s->n_th; i++) { free(s->th[i].xn); free(s->th[i].xq); free(s->th[i].xs); }
-    free(s->th); free(s->rope_cos); free(s->rope_sin);
+    free(s->th); free(s->cut); free(s->rope_cos); free(s->rope_sin);
     free(t->w.wq); free(t->w.w2_scales);
     memset(s, 0, sizeof *s);
     t->w.wq = NULL; t->w.w2_scales = NULL;
@@ -393,7 +395,8 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
     s->rope_cos = calloc((size_t)S * hs / 2, 4); s->rope_sin = calloc((size_t)S * hs / 2, 4);
     s->n_th = omp_get_max_threads();
     s->th = calloc(s->n_th, sizeof(Scratch));
-    int th_ok = s->th != NULL;
+    s->cut = calloc(s->n_th + 1, sizeof(double));
+    int th_ok = s->th != NULL && s->cut != NULL;
     for (int i = 0; th_ok && i < s->n_th; i++) {
         Scratch *sc = &s->th[i];
         sc->xn = calloc(D, 4); sc->xq = calloc(maxDH + 64, 1); sc->xs = calloc(maxDH + 64, 4);
@@ -742,13 +745,44 @@ static void matmul(const Scratch *sc, float *out, const Mat *m, const float *in,
 }
 
 /* This thread's share [*a, *b) of n items in blocks of `blk`: contiguous, so
- * four-row kernels and RoPE pairs never straddle threads. */
-static void split(int n, int blk, int *a, int *b) {
+ * four-row kernels and RoPE pairs never straddle threads. `cut` gives each
+ * thread's fraction (NULL: equal shares). */
+static void split(const double *cut, int n, int blk, int *a, int *b) {
     int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     long blocks = (n + blk - 1) / blk;
-    long lo = blk * (blocks * tid / nth), hi = blk * (blocks * (tid + 1) / nth);
+    long lo = cut ? blk * (long)(blocks * cut[tid] + 0.5) : blk * (blocks * tid / nth);
+    long hi = cut ? blk * (long)(blocks * cut[tid + 1] + 0.5) : blk * (blocks * (tid + 1) / nth);
     *a = (int)(lo < n ? lo : n);
     *b = (int)(hi < n ? hi : n);
+}
+
+#ifdef _OPENMP
+#define WALL() omp_get_wtime()
+#else
+#define WALL() 0.0
+#endif
+
+/* Rebalance the row shares after a token. A thread's share per busy second
+ * is its speed now; on a shared host one core is often slower for a while,
+ * and with equal shares the other waited 8-14% of a 110M int8 token at the
+ * barriers. The new shares are the speeds' proportions, averaged with the
+ * old shares so one noisy token cannot swing them (A/B, 2 threads: int8
+ * +3-9% at 15M-110M, fp32 unchanged: there both threads wait on DRAM alike).
+ * Which thread computes a row never changes its value. */
+static void rebalance(RunState *s) {
+    const int nth = s->team;
+    double total = 0;
+    for (int t = 0; t < nth; t++) {
+        if (!(s->th[t].busy > 0)) return; /* a team of one, or no clock */
+        total += (s->cut[t + 1] - s->cut[t]) / s->th[t].busy;
+    }
+    double lo = 0, acc = 0; /* lo: the old cut[t], before it is overwritten */
+    for (int t = 0; t + 1 < nth; t++) {
+        const double share = s->cut[t + 1] - lo;
+        lo = s->cut[t + 1];
+        acc += 0.5 * share + 0.5 * share / s->th[t].busy / total;
+        s->cut[t + 1] = acc;
+    }
 }
 
 /* rmsnorm x into this thread's copy, and quantize it for int8 matmuls. */
@@ -760,11 +794,13 @@ static const float *norm_input(Scratch *sc, const float *x, const float *w, int 
 
 /* x += W in on this thread's rows of x: the wo and w2 projections back into the
  * residual stream. `out` is scratch for W in; int8 matrices quantize `in` first. */
-static void add_projection(Scratch *sc, float *x, float *out, const Mat *m, const float *in, int n, int D) {
+static void add_projection(Scratch *sc, const double *cut, float *x, float *out, const Mat *m, const float *in, int n, int D) {
     int a, b;
     if (m->q) quantize(sc->xq, sc->xs, in, n, m->gs);
-    split(D, 4, &a, &b);
+    split(cut, D, 4, &a, &b);
+    double t0 = WALL();
     matmul(sc, out, m, in, n, a, b);
+    sc->busy += WALL() - t0;
     for (int i = a; i < b; i++) x[i] += out[i];
 }
 
@@ -813,18 +849,21 @@ static void rope(float *v, int a, int b, int hs, const float *cosr, const float 
 /* The forward pass body, run by every thread of one team: one fork/join per
  * token and four barriers per layer. A thread owns whole key/value heads
  * from q/k/v through attention, so attention needs no barrier before it;
- * every thread normalises/quantizes each matmul input itself (Scratch). */
+ * every thread normalises/quantizes each matmul input itself (Scratch). The
+ * other matmuls split their rows at s->cut (see rebalance). */
 static void forward_team(Transformer *t, int pos) {
     const Config *c = &t->c;
     const Weights *w = &t->w;
     RunState *s = &t->s;
     Scratch *sc = &s->th[omp_get_thread_num()];
+    const double *cut = omp_get_num_threads() == s->team ? s->cut : NULL;
+    sc->busy = 0;
     const int D = c->dim, H = c->hidden_dim, S = c->seq_len, gs = t->gs;
     const int hs = D / c->n_heads, kvD = c->n_kv_heads * hs, kvmul = c->n_heads / c->n_kv_heads;
     const float *cosr = s->rope_cos + (size_t)pos * (hs / 2), *sinr = s->rope_sin + (size_t)pos * (hs / 2);
     const float scale = 1.0f / sqrtf((float)hs);
     int a, b, k0, k1;
-    split(c->n_kv_heads, 1, &k0, &k1); /* my key/value heads, and their query heads */
+    split(NULL, c->n_kv_heads, 1, &k0, &k1); /* my key/value heads, and their query heads */
     const int q0 = k0 * kvmul * hs, q1 = k1 * kvmul * hs;
 
     for (int l = 0; l < c->n_layers; l++) {
@@ -868,25 +907,33 @@ static void forward_team(Transformer *t, int pos) {
         }
 #pragma omp barrier
         /* output projection; my rows of the residual */
-        add_projection(sc, s->x, s->xb2, &w->wo[l], s->xb, D, D);
+        add_projection(sc, cut, s->x, s->xb2, &w->wo[l], s->xb, D, D);
 #pragma omp barrier
         /* SwiGLU: silu(w1 x) * (w3 x), fused per thread on its own rows */
         in = norm_input(sc, s->x, w->rms_ffn + (size_t)l * D, D, gs);
-        split(H, 4, &a, &b);
+        /* in blocks of 16: gcc vectorises the expf below (libmvec, up to 16
+         * lanes) from a, and a vector expf can round differently from the
+         * scalar one of the loop's tail; so a value's path must depend on its
+         * index only, not on where this thread's rows start */
+        split(cut, H, 16, &a, &b);
+        double t0 = WALL();
         matmul(sc, s->hb, &w->w1[l], in, D, a, b);
         matmul(sc, s->hb2, &w->w3[l], in, D, a, b);
+        sc->busy += WALL() - t0;
         for (int i = a; i < b; i++) {
             float v = s->hb[i];
             s->hb[i] = v / (1.0f + expf(-v)) * s->hb2[i];
         }
 #pragma omp barrier
-        add_projection(sc, s->x, s->xb2, &w->w2[l], s->hb, H, D);
+        add_projection(sc, cut, s->x, s->xb2, &w->w2[l], s->hb, H, D);
 #pragma omp barrier
     }
     /* the final norm goes into my copy (x itself is left as the residual) */
     const float *in = norm_input(sc, s->x, w->rms_final, D, gs);
-    split(c->vocab_size, 4, &a, &b);
+    split(cut, c->vocab_size, 4, &a, &b);
+    double t0 = WALL();
     matmul(sc, s->logits, &w->cls, in, D, a, b);
+    sc->busy += WALL() - t0;
 }
 
 /* Logits for `token` at position `pos`; positions before pos must already
@@ -911,8 +958,14 @@ static float *forward(Transformer *t, int token, int pos) {
         memcpy(x, emb->f + (size_t)token * c->dim, c->dim * sizeof(float));
     }
     /* at most n_th threads: one Scratch each */
-#pragma omp parallel num_threads(omp_get_max_threads() < t->s.n_th ? omp_get_max_threads() : t->s.n_th)
+    const int team = omp_get_max_threads() < t->s.n_th ? omp_get_max_threads() : t->s.n_th;
+    if (team != t->s.team) { /* equal shares to start */
+        t->s.team = team;
+        for (int i = 0; i <= team; i++) t->s.cut[i] = (double)i / team;
+    }
+#pragma omp parallel num_threads(team)
     forward_team(t, pos);
+    rebalance(&t->s);
     return t->s.logits;
 }
 

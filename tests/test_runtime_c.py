@@ -249,6 +249,30 @@ def test_random_fp32_rows_not_multiple_of_4(rt, tmp_path):
     assert one.stdout == f"{ids}\n"
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_logits_do_not_depend_on_the_row_shares(rt, tmp_path, version):
+    """With 2 threads run.c splits matmul rows by each thread's measured speed (rebalance), so
+    the shares move from token to token; a row's value must not depend on which thread, or
+    which of a kernel's streams, computes it: logits at 2 threads equal those at 1, bit for bit,
+    over 64 positions (this failed while SwiGLU's vectorised expf started where a thread's rows
+    did). 43 blocks of 16 hidden rows, the last one short; a vocabulary of 4093 leaves a last
+    row alone."""
+    cfg = (256, 680, 2, 8, 4, 4093, 64)  # dim, hidden, layers, heads, kv heads, vocab, seq_len
+    path = tmp_path / "m.bin"
+    (write_v1 if version == 1 else write_v2)(path, cfg, seed=3)
+    code = (f"import sys, numpy as np; sys.path.insert(0, {str(ROOT)!r}); from runtime import Model; "
+            f"m = Model({str(path)!r}); "
+            f"np.save(sys.argv[1], np.stack([m.forward((7 * p + 3) % 4093, p) for p in range(64)]))")
+    logits = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"logits{threads}.npy"
+        subprocess.run([sys.executable, "-c", code, str(out)], env={**os.environ, "OMP_NUM_THREADS": threads},
+                       check=True)
+        logits.append(np.load(out))
+    assert np.isfinite(logits[0]).all() and logits[0].std() > 0
+    assert np.array_equal(logits[0], logits[1])
+
+
 @pytest.mark.parametrize("dim,hidden,gs", [(128, 384, 64), (64, 160, 32), (64, 176, 16), (128, 256, 128),
                                             (128, 352, 64), (64, 172, 64), (128, 320, 128)])
 @pytest.mark.parametrize("vocab", [512, 509])
