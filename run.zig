@@ -349,7 +349,7 @@ pub const Transformer = struct {
             rmsnorm(s.xb, s.x, layer.rms_att);
             t.quantizeInput(s.xb);
             t.parallel(step, attentionInputs);
-            t.parallel(step, attention);
+            t.parallel(step, attention); // split by heads, not by t.pool's cuts
             t.quantizeInput(s.xb);
             t.parallel(step, attentionOutput);
             for (s.x, s.xb2) |*x, b| x.* += b;
@@ -363,6 +363,7 @@ pub const Transformer = struct {
         rmsnorm(s.x, s.x, t.rms_final);
         t.quantizeInput(s.x);
         t.parallel(.{ .t = t, .layer = 0, .pos = pos }, classify);
+        if (!builtin.single_threaded) if (t.pool) |pool| pool.rebalance();
         return s.logits;
     }
 
@@ -908,11 +909,19 @@ inline fn toF32s(d: I32s) F32s {
 pub const Part = struct {
     index: usize,
     count: usize,
+    /// count + 1 fractions: part i's rows are [cut[i], cut[i + 1]) of each
+    /// matrix (Pool.rebalance); null: equal parts
+    cut: ?[]const f64 = null,
 
     /// This part of n rows: contiguous, cut on multiples of 4 so the
     /// four-row kernels and RoPE pairs never straddle threads.
     fn rows(p: Part, n: usize) struct { usize, usize } {
         const blocks = (n + 3) / 4;
+        if (p.cut) |cut| {
+            const lo: usize = @intFromFloat(@as(f64, @floatFromInt(blocks)) * cut[p.index] + 0.5);
+            const hi: usize = @intFromFloat(@as(f64, @floatFromInt(blocks)) * cut[p.index + 1] + 0.5);
+            return .{ @min(n, 4 * lo), @min(n, 4 * hi) };
+        }
         return .{ @min(n, 4 * (blocks * p.index / p.count)), @min(n, 4 * (blocks * (p.index + 1) / p.count)) };
     }
 };
@@ -1050,14 +1059,23 @@ const Pool = struct {
     quit: bool = false,
     job: *const Job = undefined,
     step: Step = undefined,
+    timed: bool = false, // the job splits rows at cut: its time counts in busy
+    cut: []f64, // threads + 1 fractions, see rebalance
+    busy: []i64, // per thread: nanoseconds in row-split jobs this token
 
     const spins = 1 << 14;
 
     fn init(gpa: Allocator, io: Io, n: usize) error{ OutOfMemory, SystemResources }!*Pool {
         const pool = try gpa.create(Pool);
         errdefer gpa.destroy(pool);
-        pool.* = .{ .gpa = gpa, .io = io, .threads = try gpa.alloc(std.Thread, n - 1) };
+        pool.* = .{ .gpa = gpa, .io = io, .threads = try gpa.alloc(std.Thread, n - 1), .cut = &.{}, .busy = &.{} };
         errdefer gpa.free(pool.threads);
+        pool.cut = try gpa.alloc(f64, n + 1);
+        errdefer gpa.free(pool.cut);
+        pool.busy = try gpa.alloc(i64, n);
+        errdefer gpa.free(pool.busy);
+        for (pool.cut, 0..) |*c, i| c.* = @as(f64, @floatFromInt(i)) / @as(f64, @floatFromInt(n));
+        @memset(pool.busy, 0);
         for (pool.threads, 0..) |*th, i| {
             th.* = std.Thread.spawn(.{}, worker, .{ pool, i + 1 }) catch {
                 pool.stop(pool.threads[0..i]);
@@ -1070,6 +1088,8 @@ const Pool = struct {
     fn deinit(pool: *Pool) void {
         pool.stop(pool.threads);
         pool.gpa.free(pool.threads);
+        pool.gpa.free(pool.cut);
+        pool.gpa.free(pool.busy);
         pool.gpa.destroy(pool);
     }
 
@@ -1081,18 +1101,46 @@ const Pool = struct {
     }
 
     fn run(pool: *Pool, step: Step, comptime job: Job) void {
-        const count = pool.threads.len + 1;
         pool.job = &job;
         pool.step = step;
+        pool.timed = job != attention;
         pool.pending.store(@intCast(pool.threads.len), .monotonic);
         _ = pool.generation.fetchAdd(1, .release);
         pool.io.futexWake(u32, &pool.generation.raw, std.math.maxInt(u32));
-        job(step, .{ .index = 0, .count = count });
+        pool.runPart(0);
         var n: usize = 0;
         while (true) : (n += 1) {
             const left = pool.pending.load(.acquire);
             if (left == 0) break;
             if (n < spins) std.atomic.spinLoopHint() else pool.io.futexWaitUncancelable(u32, &pool.pending.raw, left);
+        }
+    }
+
+    fn runPart(pool: *Pool, index: usize) void {
+        const start = if (pool.timed) Io.Timestamp.now(pool.io, .awake).nanoseconds else 0;
+        pool.job(pool.step, .{ .index = index, .count = pool.threads.len + 1, .cut = pool.cut });
+        if (pool.timed) pool.busy[index] += @intCast(Io.Timestamp.now(pool.io, .awake).nanoseconds - start);
+    }
+
+    /// After a token: each thread's share of the rows per busy second is its
+    /// speed now (on a shared host one core is often slower for a while);
+    /// new shares follow the speeds, averaged with the old ones so one noisy
+    /// token cannot swing them. As run.c's rebalance; which thread computes
+    /// a row never changes its value.
+    fn rebalance(pool: *Pool) void {
+        defer @memset(pool.busy, 0);
+        var total: f64 = 0;
+        for (pool.busy, 0..) |b, i| {
+            if (b <= 0) return;
+            total += (pool.cut[i + 1] - pool.cut[i]) / @as(f64, @floatFromInt(b));
+        }
+        var lo: f64 = 0; // the old cut[i], before it is overwritten
+        var acc: f64 = 0;
+        for (pool.busy[0 .. pool.busy.len - 1], 1..) |b, i| {
+            const share = pool.cut[i] - lo;
+            lo = pool.cut[i];
+            acc += 0.5 * share + 0.5 * share / @as(f64, @floatFromInt(b)) / total;
+            pool.cut[i] = acc;
         }
     }
 
@@ -1109,7 +1157,7 @@ const Pool = struct {
                 if (n < spins) std.atomic.spinLoopHint() else pool.io.futexWaitUncancelable(u32, &pool.generation.raw, seen);
             }
             if (pool.quit) return;
-            pool.job(pool.step, .{ .index = index, .count = pool.threads.len + 1 });
+            pool.runPart(index);
             if (pool.pending.fetchSub(1, .acq_rel) == 1) pool.io.futexWake(u32, &pool.pending.raw, 1);
         }
     }
