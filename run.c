@@ -773,7 +773,7 @@ static void rebalance(RunState *s) {
     const int nth = s->team;
     double total = 0;
     for (int t = 0; t < nth; t++) {
-        if (!(s->th[t].busy > 0)) return; /* a team of one, or no clock */
+        if (!(s->th[t].busy > 0)) return; /* no clock: a build without OpenMP */
         total += (s->cut[t + 1] - s->cut[t]) / s->th[t].busy;
     }
     double lo = 0, acc = 0; /* lo: the old cut[t], before it is overwritten */
