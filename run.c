@@ -744,14 +744,18 @@ static void matmul(const Scratch *sc, float *out, const Mat *m, const float *in,
     else matmul_f32(out, in, m->f, n, r0, r1);
 }
 
+/* Where thread t's blocks begin: at its cut, or (NULL) at an equal share. */
+static long block_edge(const double *cut, long blocks, int t) {
+    return cut ? (long)(blocks * cut[t] + 0.5) : blocks * t / omp_get_num_threads();
+}
+
 /* This thread's share [*a, *b) of n items in blocks of `blk`: contiguous, so
- * four-row kernels and RoPE pairs never straddle threads. `cut` gives each
- * thread's fraction (NULL: equal shares). */
+ * four-row kernels and RoPE pairs never straddle threads. */
+
 static void split(const double *cut, int n, int blk, int *a, int *b) {
-    int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    long blocks = (n + blk - 1) / blk;
-    long lo = cut ? blk * (long)(blocks * cut[tid] + 0.5) : blk * (blocks * tid / nth);
-    long hi = cut ? blk * (long)(blocks * cut[tid + 1] + 0.5) : blk * (blocks * (tid + 1) / nth);
+    const int tid = omp_get_thread_num();
+    const long blocks = (n + blk - 1) / blk;
+    const long lo = blk * block_edge(cut, blocks, tid), hi = blk * block_edge(cut, blocks, tid + 1);
     *a = (int)(lo < n ? lo : n);
     *b = (int)(hi < n ? hi : n);
 }
@@ -785,6 +789,13 @@ static void rebalance(RunState *s) {
     }
 }
 
+/* matmul over rows this thread took at s->cut: its time counts towards its speed */
+static void shared_matmul(Scratch *sc, float *out, const Mat *m, const float *in, int n, int r0, int r1) {
+    const double t0 = WALL();
+    matmul(sc, out, m, in, n, r0, r1);
+    sc->busy += WALL() - t0;
+}
+
 /* rmsnorm x into this thread's copy, and quantize it for int8 matmuls. */
 static const float *norm_input(Scratch *sc, const float *x, const float *w, int D, int gs) {
     rmsnorm(sc->xn, x, w, D);
@@ -798,9 +809,7 @@ static void add_projection(Scratch *sc, const double *cut, float *x, float *out,
     int a, b;
     if (m->q) quantize(sc->xq, sc->xs, in, n, m->gs);
     split(cut, D, 4, &a, &b);
-    double t0 = WALL();
-    matmul(sc, out, m, in, n, a, b);
-    sc->busy += WALL() - t0;
+    shared_matmul(sc, out, m, in, n, a, b);
     for (int i = a; i < b; i++) x[i] += out[i];
 }
 
@@ -916,10 +925,8 @@ static void forward_team(Transformer *t, int pos) {
          * scalar one of the loop's tail; so a value's path must depend on its
          * index only, not on where this thread's rows start */
         split(cut, H, 16, &a, &b);
-        double t0 = WALL();
-        matmul(sc, s->hb, &w->w1[l], in, D, a, b);
-        matmul(sc, s->hb2, &w->w3[l], in, D, a, b);
-        sc->busy += WALL() - t0;
+        shared_matmul(sc, s->hb, &w->w1[l], in, D, a, b);
+        shared_matmul(sc, s->hb2, &w->w3[l], in, D, a, b);
         for (int i = a; i < b; i++) {
             float v = s->hb[i];
             s->hb[i] = v / (1.0f + expf(-v)) * s->hb2[i];
@@ -931,9 +938,7 @@ static void forward_team(Transformer *t, int pos) {
     /* the final norm goes into my copy (x itself is left as the residual) */
     const float *in = norm_input(sc, s->x, w->rms_final, D, gs);
     split(cut, c->vocab_size, 4, &a, &b);
-    double t0 = WALL();
-    matmul(sc, s->logits, &w->cls, in, D, a, b);
-    sc->busy += WALL() - t0;
+    shared_matmul(sc, s->logits, &w->cls, in, D, a, b);
 }
 
 /* Logits for `token` at position `pos`; positions before pos must already

@@ -917,12 +917,13 @@ pub const Part = struct {
     /// four-row kernels and RoPE pairs never straddle threads.
     fn rows(p: Part, n: usize) struct { usize, usize } {
         const blocks = (n + 3) / 4;
-        if (p.cut) |cut| {
-            const lo: usize = @intFromFloat(@as(f64, @floatFromInt(blocks)) * cut[p.index] + 0.5);
-            const hi: usize = @intFromFloat(@as(f64, @floatFromInt(blocks)) * cut[p.index + 1] + 0.5);
-            return .{ @min(n, 4 * lo), @min(n, 4 * hi) };
-        }
-        return .{ @min(n, 4 * (blocks * p.index / p.count)), @min(n, 4 * (blocks * (p.index + 1) / p.count)) };
+        return .{ @min(n, 4 * p.blockEdge(blocks, p.index)), @min(n, 4 * p.blockEdge(blocks, p.index + 1)) };
+    }
+
+    /// Where part i's blocks begin.
+    fn blockEdge(p: Part, blocks: usize, i: usize) usize {
+        if (p.cut) |cut| return @intFromFloat(@as(f64, @floatFromInt(blocks)) * cut[i] + 0.5);
+        return blocks * i / p.count;
     }
 };
 
