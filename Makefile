@@ -79,12 +79,17 @@ clean::
 # go into .venv on first use. Chromium for the browser test: make web-deps.
 #   make runzig   ./runzig, native, same command line as ./run
 #   make wasm     run.wasm, wasm32-wasi with SIMD128 (run it with wasmtime)
-#   make web      web/llama.wasm, then serve web/ on http://127.0.0.1:$(WEB_PORT)/
+#   make web      web/llama.wasm and web/llama-threads.wasm (shared memory, for the
+#                 page's helper threads), then serve web/ on http://127.0.0.1:$(WEB_PORT)/
 #                 (MODELS=dir also serves dir as /models/, for the page's Fetch button)
 ZIG        = $(PY) -m ziglang
 WEB_STAMP  = $(VENV)/.web-installed
 WEB_PORT  ?= 8000
 ZIG_WASM   = -O ReleaseFast -fstrip -mcpu=generic+simd128
+# threads in the browser: atomics, and a shared memory that JavaScript creates
+# (16 MiB to start, up to 4 GiB) and hands to every helper's instance
+ZIG_WASM_THREADS = -mcpu=generic+simd128+atomics+bulk_memory -fno-single-threaded \
+	--import-memory --shared-memory --initial-memory=16777216 --max-memory=4294967296
 
 .PHONY: wasm web web-build web-deps
 
@@ -97,16 +102,18 @@ runzig: run.zig $(WEB_STAMP)
 wasm: run.wasm
 run.wasm: run.zig $(WEB_STAMP)
 	$(ZIG) build-exe $(ZIG_WASM) -target wasm32-wasi run.zig -femit-bin=run.wasm
-web-build: web/llama.wasm
+web-build: web/llama.wasm web/llama-threads.wasm
 web/llama.wasm: run_web.zig run.zig $(WEB_STAMP)
 	$(ZIG) build-exe $(ZIG_WASM) -target wasm32-freestanding -fno-entry -rdynamic run_web.zig -femit-bin=web/llama.wasm
-web: web/llama.wasm
+web/llama-threads.wasm: run_web.zig run.zig $(WEB_STAMP)
+	$(ZIG) build-exe $(ZIG_WASM) $(ZIG_WASM_THREADS) -target wasm32-freestanding -fno-entry -rdynamic run_web.zig -femit-bin=$@
+web: web-build
 	$(PY) web/serve.py --port $(WEB_PORT) $(if $(MODELS),--models $(MODELS))
 # Debian's Chromium for tests/test_web.py (needs root and apt)
 web-deps:
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 clean::
-	rm -f runzig run.wasm web/llama.wasm
+	rm -f runzig run.wasm web/llama.wasm web/llama-threads.wasm
 # ZIG-WEB-END
 # BENCH-BEGIN
 # Benchmarks (scripts/bench.py): run.c under gcc / clang / zig cc and the seed's flag sets, llama.cpp

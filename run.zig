@@ -1048,13 +1048,25 @@ fn classify(st: Step, part: Part) void {
 
 // ------------------------------------------------------------------ thread pool
 
+/// The browser module built with threads (run_web.zig): there the pool's
+/// helpers are Web Workers that JavaScript starts on the module's shared
+/// memory, each one calling Pool.serve. The browser has no std.Thread and no
+/// Io, so the pool sleeps and wakes with WebAssembly's own atomics and reads
+/// the page's clock.
+const in_browser = builtin.cpu.arch.isWasm() and !builtin.single_threaded;
+extern fn @"llvm.wasm.memory.atomic.wait32"(ptr: *const u32, expected: u32, timeout_ns: i64) i32;
+extern fn @"llvm.wasm.memory.atomic.notify"(ptr: *const u32, waiters: u32) u32;
+/// performance.now(): milliseconds, imported from JavaScript
+extern "env" fn now() f64;
+
 /// Workers that run one job at a time with the calling thread, each on its
 /// own Part. They spin briefly between jobs (a token is ~30 jobs in quick
 /// succession), then sleep on a futex.
-const Pool = struct {
+pub const Pool = struct {
     gpa: Allocator,
-    io: Io,
-    threads: []std.Thread,
+    io: Io, // native builds only
+    threads: []std.Thread, // the workers it started (none in the browser)
+    helpers: usize, // threads besides the caller
     generation: std.atomic.Value(u32) = .init(0),
     pending: std.atomic.Value(u32) = .init(0),
     quit: bool = false,
@@ -1064,63 +1076,98 @@ const Pool = struct {
     cut: []f64, // threads + 1 fractions, see rebalance
     busy: []i64, // per thread: nanoseconds in row-split jobs this token
 
-    const spins = 1 << 14;
+    // In the browser a sleep and its wake-up go through V8's futex emulation,
+    // slower than Linux's futex: spinning up to ~1 ms there gave 1.30-1.48x
+    // over 1 thread at 15M in Chromium, against 1.28-1.39x with the native count.
+    const spins = if (in_browser) 1 << 20 else 1 << 14;
 
-    fn init(gpa: Allocator, io: Io, n: usize) error{ OutOfMemory, SystemResources }!*Pool {
+    /// A pool of n threads, the caller included. In the browser (io unused)
+    /// JavaScript starts the n - 1 helpers: see run_web.zig.
+    pub fn init(gpa: Allocator, io: Io, n: usize) error{ OutOfMemory, SystemResources }!*Pool {
         const pool = try gpa.create(Pool);
         errdefer gpa.destroy(pool);
-        pool.* = .{ .gpa = gpa, .io = io, .threads = try gpa.alloc(std.Thread, n - 1), .cut = &.{}, .busy = &.{} };
-        errdefer gpa.free(pool.threads);
-        pool.cut = try gpa.alloc(f64, n + 1);
-        errdefer gpa.free(pool.cut);
-        pool.busy = try gpa.alloc(i64, n);
-        errdefer gpa.free(pool.busy);
-        for (pool.cut, 0..) |*c, i| c.* = @as(f64, @floatFromInt(i)) / @as(f64, @floatFromInt(n));
-        @memset(pool.busy, 0);
-        for (pool.threads, 0..) |*th, i| {
-            th.* = std.Thread.spawn(.{}, worker, .{ pool, i + 1 }) catch {
-                pool.stop(pool.threads[0..i]);
-                return error.SystemResources;
-            };
+        pool.* = .{ .gpa = gpa, .io = io, .threads = &.{}, .helpers = n - 1, .cut = &.{}, .busy = &.{} };
+        try pool.allocShares();
+        errdefer pool.freeShares();
+        if (!in_browser) {
+            pool.threads = try gpa.alloc(std.Thread, n - 1);
+            errdefer gpa.free(pool.threads);
+            for (pool.threads, 0..) |*th, i| {
+                th.* = std.Thread.spawn(.{}, serve, .{ pool, i + 1 }) catch {
+                    pool.stop(pool.threads[0..i]);
+                    return error.SystemResources;
+                };
+            }
         }
         return pool;
     }
 
-    fn deinit(pool: *Pool) void {
-        pool.stop(pool.threads);
-        pool.gpa.free(pool.threads);
+    fn allocShares(pool: *Pool) Allocator.Error!void {
+        const n = pool.helpers + 1;
+        pool.cut = try pool.gpa.alloc(f64, n + 1);
+        errdefer pool.gpa.free(pool.cut);
+        pool.busy = try pool.gpa.alloc(i64, n);
+        for (pool.cut, 0..) |*c, i| c.* = @as(f64, @floatFromInt(i)) / @as(f64, @floatFromInt(n));
+        @memset(pool.busy, 0);
+    }
+
+    fn freeShares(pool: *Pool) void {
         pool.gpa.free(pool.cut);
         pool.gpa.free(pool.busy);
+    }
+
+    pub fn deinit(pool: *Pool) void {
+        pool.stop(pool.threads);
+        pool.gpa.free(pool.threads);
+        pool.freeShares();
         pool.gpa.destroy(pool);
     }
 
+    /// Ask the workers to return; native builds wait for them.
     fn stop(pool: *Pool, started: []std.Thread) void {
         pool.quit = true;
         _ = pool.generation.fetchAdd(1, .release);
-        pool.io.futexWake(u32, &pool.generation.raw, std.math.maxInt(u32));
-        for (started) |th| th.join();
+        pool.wake(&pool.generation.raw, std.math.maxInt(u32));
+        if (!in_browser) for (started) |th| th.join();
+    }
+
+    fn wait(pool: *Pool, ptr: *const u32, expected: u32) void {
+        if (in_browser) {
+            _ = @"llvm.wasm.memory.atomic.wait32"(ptr, expected, -1);
+        } else pool.io.futexWaitUncancelable(u32, ptr, expected);
+    }
+
+    fn wake(pool: *Pool, ptr: *const u32, waiters: u32) void {
+        if (in_browser) {
+            _ = @"llvm.wasm.memory.atomic.notify"(ptr, waiters);
+        } else pool.io.futexWake(u32, ptr, waiters);
+    }
+
+    fn nanoseconds(pool: *Pool) i64 {
+        if (in_browser) return @intFromFloat(now() * 1e6);
+        return @intCast(Io.Timestamp.now(pool.io, .awake).nanoseconds);
     }
 
     fn run(pool: *Pool, step: Step, comptime job: Job) void {
         pool.job = &job;
         pool.step = step;
         pool.timed = job != attention;
-        pool.pending.store(@intCast(pool.threads.len), .monotonic);
+        pool.pending.store(@intCast(pool.helpers), .monotonic);
         _ = pool.generation.fetchAdd(1, .release);
-        pool.io.futexWake(u32, &pool.generation.raw, std.math.maxInt(u32));
+        pool.wake(&pool.generation.raw, std.math.maxInt(u32));
         pool.runPart(0);
         var n: usize = 0;
         while (true) : (n += 1) {
             const left = pool.pending.load(.acquire);
             if (left == 0) break;
-            if (n < spins) std.atomic.spinLoopHint() else pool.io.futexWaitUncancelable(u32, &pool.pending.raw, left);
+            if (n < spins) std.atomic.spinLoopHint() else pool.wait(&pool.pending.raw, left);
         }
     }
 
     fn runPart(pool: *Pool, index: usize) void {
-        const start = if (pool.timed) Io.Timestamp.now(pool.io, .awake).nanoseconds else 0;
-        pool.job(pool.step, .{ .index = index, .count = pool.threads.len + 1, .cut = pool.cut });
-        if (pool.timed) pool.busy[index] += @intCast(Io.Timestamp.now(pool.io, .awake).nanoseconds - start);
+        const start = if (pool.timed) pool.nanoseconds() else 0;
+        pool.job(pool.step, .{ .index = index, .count = pool.helpers + 1, .cut = pool.cut });
+        if (pool.timed) pool.busy[index] += pool.nanoseconds() - start;
     }
 
     /// After a token: each thread's share of the rows per busy second is its
@@ -1145,7 +1192,8 @@ const Pool = struct {
         }
     }
 
-    fn worker(pool: *Pool, index: usize) void {
+    /// Worker `index`'s loop (1 ..= helpers): run each job's part until stop.
+    pub fn serve(pool: *Pool, index: usize) void {
         var seen: u32 = 0;
         while (true) {
             var n: usize = 0;
@@ -1155,11 +1203,11 @@ const Pool = struct {
                     seen = gen;
                     break;
                 }
-                if (n < spins) std.atomic.spinLoopHint() else pool.io.futexWaitUncancelable(u32, &pool.generation.raw, seen);
+                if (n < spins) std.atomic.spinLoopHint() else pool.wait(&pool.generation.raw, seen);
             }
             if (pool.quit) return;
             pool.runPart(index);
-            if (pool.pending.fetchSub(1, .acq_rel) == 1) pool.io.futexWake(u32, &pool.pending.raw, 1);
+            if (pool.pending.fetchSub(1, .acq_rel) == 1) pool.wake(&pool.pending.raw, 1);
         }
     }
 };

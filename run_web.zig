@@ -8,11 +8,20 @@
 //!
 //! The model bytes stay in wasm memory for the Transformer's lifetime (its
 //! weights point into them), so load() takes ownership of that buffer.
+//!
+//! Built with threads (`-fno-single-threaded`, shared memory imported from
+//! JavaScript: web/llama-threads.wasm), it also exports
+//!
+//!   threads(n) -> 0 | -1: split the matmuls over n threads from the next load,
+//!   helperStack() -> ptr, helperMain(index, stack): the entry point of each of
+//!   the n - 1 helper Web Workers (web/helper.js), which never returns.
 
 const std = @import("std");
 const run = @import("run.zig");
 
-const gpa = std.heap.wasm_allocator;
+const builtin = @import("builtin");
+const threaded = !builtin.single_threaded;
+const gpa = if (threaded) PageBlocks.allocator else std.heap.wasm_allocator;
 const buffer_alignment: std.mem.Alignment = .@"64";
 
 var diag: run.Diagnostic = .{};
@@ -27,6 +36,7 @@ const Loaded = struct {
 
     fn deinit(l: *Loaded) void {
         l.tokenizer.deinit();
+        l.transformer.pool = null; // the helpers outlive the model
         l.transformer.deinit();
         gpa.free(l.model_bytes);
     }
@@ -91,6 +101,7 @@ export fn load(model_ptr: [*]align(64) u8, model_len: usize, tok_ptr: [*]const u
 fn loadModel(model_bytes: []align(64) u8, model_len: usize, tok: []const u8) run.Error!void {
     var transformer = try run.Transformer.init(gpa, model_bytes[0..model_len], "model.bin", &diag);
     errdefer transformer.deinit();
+    if (threaded) transformer.pool = pool;
     const tokenizer = try run.Tokenizer.init(gpa, tok, transformer.config.vocab_size, "tokenizer.bin", &diag);
     loaded = .{ .model_bytes = model_bytes, .transformer = transformer, .tokenizer = tokenizer };
 }
@@ -145,3 +156,95 @@ export fn step() i32 {
     s.prev = id;
     return @intCast(id);
 }
+
+// ------------------------------------------------------------------ threads
+
+/// The threaded module's pool; null until threads() (or with 1 thread).
+var pool: ?*run.Pool = null;
+const helper_stack_size = 1 << 20;
+
+comptime {
+    if (threaded) for (.{ "threads", "helperStack", "helperMain" }) |name| @export(&@field(@This(), name), .{ .name = name });
+}
+
+/// Split the matmuls over n threads (the caller and n - 1 helpers) for the
+/// models loaded from now on. Once per module. 0, or -1 with errorPtr().
+fn threads(n: u32) callconv(.c) i32 {
+    if (pool != null) return failed("threads() was already called", .{});
+    if (n < 1 or n > 64) return failed("threads must be in 1..64, not {d}", .{n});
+    if (n > 1) pool = run.Pool.init(gpa, undefined, n) catch return failed("out of memory for {d} threads", .{n});
+    return 0;
+}
+
+/// Memory for one helper's stack (every instance of the module starts with
+/// the same stack pointer, so each helper needs a stack of its own).
+fn helperStack() callconv(.c) ?[*]u8 {
+    const stack = gpa.alignedAlloc(u8, .@"16", helper_stack_size) catch return null;
+    return stack.ptr;
+}
+
+/// A helper Web Worker's entry point, on its own instance of this module over
+/// the shared memory: move onto its own stack, then run its part of every
+/// job until the module is gone.
+fn helperMain(index: u32, stack: [*]u8) callconv(.c) void {
+    asm volatile (
+        \\ local.get %[top]
+        \\ global.set __stack_pointer
+        :
+        : [top] "r" (stack + helper_stack_size),
+    );
+    serve(index);
+}
+
+fn failed(comptime fmt: []const u8, args: anytype) i32 {
+    diag.fail(error.BadInput, fmt, args) catch {};
+    return -1;
+}
+
+noinline fn serve(index: u32) void {
+    if (pool) |p| if (index >= 1 and index <= p.helpers) p.serve(index);
+}
+
+/// The threaded module's allocator (Zig's wasm allocator is single-threaded
+/// only). Only the generating worker allocates, a few dozen buffers per model,
+/// so whole 64 KiB pages do: blocks of 2^k pages, each size with a list of
+/// freed blocks for reuse (a freed block holds the address of the next).
+const PageBlocks = struct {
+    const page = 64 * 1024;
+    const allocator: std.mem.Allocator = .{ .ptr = undefined, .vtable = &.{
+        .alloc = take,
+        .resize = resize,
+        .remap = std.mem.Allocator.noRemap,
+        .free = give,
+    } };
+    var free_lists: [17]usize = @splat(0); // 2^0 .. 2^16 pages (4 GiB)
+
+    fn class(len: usize) ?usize {
+        const pages = std.math.divCeil(usize, @max(len, 1), page) catch unreachable;
+        const k = std.math.log2_int_ceil(usize, pages);
+        return if (k < free_lists.len) k else null;
+    }
+
+    fn take(_: *anyopaque, len: usize, alignment: std.mem.Alignment, _: usize) ?[*]u8 {
+        if (alignment.toByteUnits() > page) return null;
+        const k = class(len) orelse return null;
+        if (free_lists[k] != 0) {
+            const block = free_lists[k];
+            free_lists[k] = @as(*const usize, @ptrFromInt(block)).*;
+            return @ptrFromInt(block);
+        }
+        const first = @wasmMemoryGrow(0, @as(usize, 1) << @intCast(k));
+        if (first < 0) return null;
+        return @ptrFromInt(@as(usize, @intCast(first)) * page);
+    }
+
+    fn resize(_: *anyopaque, buf: []u8, _: std.mem.Alignment, new_len: usize, _: usize) bool {
+        return class(new_len) == class(buf.len);
+    }
+
+    fn give(_: *anyopaque, buf: []u8, _: std.mem.Alignment, _: usize) void {
+        const k = class(buf.len).?;
+        @as(*usize, @ptrCast(@alignCast(buf.ptr))).* = free_lists[k];
+        free_lists[k] = @intFromPtr(buf.ptr);
+    }
+};

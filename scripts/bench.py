@@ -7,7 +7,7 @@
 For each build (compiler x flags: gcc, clang, `zig cc` from PyPI ziglang, native and cross) it
 compiles run.c into bench_cache/bin/, then times 256-token generations on random-weight models of
 the 15M, 42M and 110M preset shapes (fp32 = model.bin v1, int8 = v2; written by scripts/bench_run.py's
-numpy writers into bench_cache/, never committed), at 1 and 2 threads (OpenMP builds only at 2).
+numpy writers into bench_cache/, never committed), at 1 and 2 threads (threaded builds only at 2).
 Settings: temperature 1, top-p off (-p 1), -n 256, tok/s as run.c reports it (from the 2nd token).
 The same random models, exported with `export.py --version gguf` (f32, q8_0), run in llama.cpp through
 llama-cpp-python in a subprocess: 256 single-token decodes from BOS, greedy, llama.cpp's own eval
@@ -84,9 +84,12 @@ BUILDS = [
     # under wasmtime, in-process from Python, 1 thread
     ("run.zig", "zig-port", "-O ReleaseFast"),
     ("run.wasm-wasmtime", "wasm", "-O ReleaseFast -mcpu=generic+simd128 -target wasm32-wasi"),
-    # the browser page (web/, `make web-build`) in headless Chromium through Playwright: its own tok/s
+    # the browser page (web/, `make web-build`) in headless Chromium through Playwright: its own tok/s;
+    # at 2 threads with its threaded module (WEB_THREADS) and a helper Web Worker
     ("web-chromium", "web", "-O ReleaseFast -mcpu=generic+simd128 -target wasm32-freestanding"),
 ]
+WEB_THREADS = ("-mcpu=generic+simd128+atomics+bulk_memory -fno-single-threaded --import-memory --shared-memory"
+               " --initial-memory=16777216 --max-memory=4294967296")  # the Makefile's ZIG_WASM_THREADS
 QUICK_BUILDS = ["gcc-O3", "gcc-Ofast-native-omp", "clang-Ofast-native-omp", "zig-O3-fast-native",
                 "zig-x86_64-musl-static", "zig-aarch64-musl-static", "run.zig", "run.wasm-wasmtime", "web-chromium"]
 PRECISIONS = {"fp32": (1, "f32"), "int8": (2, "q8_0")}  # ours: model.bin version; llama.cpp: GGUF type
@@ -199,7 +202,8 @@ def build(name, compiler, flags) -> dict:
     port = compiler in ("zig-port", "wasm", "web")
     src = ROOT / ("run_web.zig" if compiler == "web" else "run.zig" if port else "run.c")
     deps = [src] + ([ROOT / "run.zig"] if compiler == "web" else [])  # run_web.zig imports run.zig
-    key = hashlib.sha1(b"".join(p.read_bytes() for p in deps) + f"{compiler} {flags}".encode()).hexdigest()[:10]
+    both = f"{compiler} {flags}" + (f" {WEB_THREADS}" if compiler == "web" else "")
+    key = hashlib.sha1(b"".join(p.read_bytes() for p in deps) + both.encode()).hexdigest()[:10]
     exe = CACHE / "bin" / f"{name}-{key}"
     if port:
         cc = ZIG[:-1]  # python -m ziglang
@@ -209,13 +213,16 @@ def build(name, compiler, flags) -> dict:
         cc = {"gcc": ["gcc"], "clang": ["clang"], "zig": ZIG}[compiler]
         cmd = [*cc, *flags.split(), "-s", "-o", str(exe), str(src), "-lm"]
     rec = {"name": name, "compiler": compiler, "flags": flags, "path": str(exe),
-           "openmp": "-fopenmp" in flags or compiler == "zig-port", "wasm": compiler == "wasm",
+           "openmp": "-fopenmp" in flags or compiler in ("zig-port", "web"), "wasm": compiler == "wasm",
            "web": compiler == "web", "native": "-target" not in flags or compiler in ("wasm", "web"),
            "cmd": " ".join(["zig" if port else "zig cc" if cc == ZIG else cc[0], *cmd[len(cc):]])}
     if not exe.exists():
         exe.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         p = subprocess.run(cmd, capture_output=True, text=True)
+        if compiler == "web" and not p.returncode:  # and the threaded module beside it
+            p = subprocess.run([*cmd[:-1], *WEB_THREADS.split(), f"-femit-bin={exe}-threads"],
+                               capture_output=True, text=True)
         rec["build_s"] = round(time.time() - t0, 1)
         if p.returncode:
             errors = [line for line in p.stderr.splitlines() if "error" in line] or p.stderr.splitlines()[-1:]
@@ -304,10 +311,11 @@ def time_wasm(module_path, files, prec, steps, seed) -> float | None:
 _browser = {}
 
 
-def time_chromium(module_path, files, prec, steps, seed) -> float | None:
+def time_chromium(module_path, files, prec, threads, steps, seed) -> float | None:
     """The browser page (web/) in headless Chromium: the page fetches the model and tokenizer from a
-    local server, generates in its Web Worker and shows its tok/s, which we read back. The module is
-    this build's copy of web/llama.wasm; one browser serves all rounds."""
+    local server, generates in its Web Worker (with threads - 1 helper workers) and shows its tok/s,
+    which we read back. The modules are this build's copies of web/llama.wasm and
+    web/llama-threads.wasm; one browser serves all rounds."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -322,6 +330,7 @@ def time_chromium(module_path, files, prec, steps, seed) -> float | None:
         serve = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(serve)
         shutil.copyfile(module_path, ROOT / "web" / "llama.wasm")
+        shutil.copyfile(module_path + "-threads", ROOT / "web" / "llama-threads.wasm")
         server = serve.make_server(0, CACHE, quiet=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         pw = sync_playwright().start()
@@ -333,18 +342,21 @@ def time_chromium(module_path, files, prec, steps, seed) -> float | None:
     page = _browser["page"]
     model = Path(files[prec]).name
     try:
-        if _browser["loaded"] != model:
+        if _browser["loaded"] != (model, threads):
+            page.fill("#threads", str(threads))
             page.fill("#modelUrl", f"models/{model}")
             page.fill("#tokUrl", f"models/{Path(files['tok']).name}")
             page.click("#loadUrls")
+            s = "" if threads == 1 else "s"  # the page says how many threads it got
             page.wait_for_function(f"document.getElementById('modelInfo').textContent.startsWith('Loaded')"
+                                   f" && document.getElementById('modelInfo').textContent.includes('; {threads} thread{s}')"
                                    f" && document.getElementById('modelUrl').value.endsWith('{model}')",
-                                   timeout=300_000)
-            _browser["loaded"] = model
+                                   timeout=300_000, polling=100)
+            _browser["loaded"] = (model, threads)
         for sel, v in (("#prompt", ""), ("#steps", steps), ("#temperature", 1), ("#topp", 1), ("#seed", seed)):
             page.fill(sel, str(v))
         page.click("#generate")
-        page.wait_for_function("document.body.dataset.done", timeout=600_000)
+        page.wait_for_function("document.body.dataset.done", timeout=600_000, polling=100)
         m = re.search(r"([0-9.]+) tok/s", page.inner_text("#stats"))
         return float(m.group(1)) if page.get_attribute("body", "data-done") == "1" and m else None
     except Exception as e:  # a page that fails is a missing figure, not a failed run
@@ -520,7 +532,7 @@ def markdown(res, chart_name="bench.png") -> str:
     for label, ok, v in goals(rows):
         L.append(f"| {label} | {v} | {'-' if ok is None else 'yes' if ok else '**no**'} |")
     L += ["", "### Every build", "",
-          "tok/s, median (min-max) of the rounds; OpenMP builds also at 2 threads. "
+          "tok/s, median (min-max) of the rounds; threaded builds (OpenMP, run.zig, the browser page) also at 2 threads. "
           "Size: the stripped binary (`-s`).", "",
           "| build | flags | size KB | " + " | ".join(cols) + " |", "|---|---|---:|" + "---:|" * len(cols)]
     for b in res["builds"]:
@@ -673,7 +685,7 @@ def main(argv=None) -> int:
                     if b["wasm"]:
                         v = time_wasm(b["path"], files[shape], prec, args.steps, seed=r + 1)
                     elif b.get("web"):
-                        v = time_chromium(b["path"], files[shape], prec, args.steps, seed=r + 1)
+                        v = time_chromium(b["path"], files[shape], prec, t, args.steps, seed=r + 1)
                     else:
                         if b["name"] == REF:  # the bound's bandwidth, measured right before the run it divides
                             bw_at.setdefault(k, []).append(stream_bandwidth(t))

@@ -1,8 +1,9 @@
 """The browser page (web/, `make web`) end to end in headless Chromium: pick the
 stories260K fixture and a 512-piece tokenizer with the file inputs, generate
-greedily in the Web Worker, and check the ids against the C runtime. Saves a
-screenshot of the page with a story from the session's trained model (results/web.png;
-docs/web.png in the README is a copy of one)."""
+greedily in the Web Worker, with 1 thread and with 2 (a helper worker on shared
+memory), and check the ids against the C runtime. Saves a screenshot of the page
+with a story from the session's trained model (results/web.png; docs/web.png in
+the README is a copy of one)."""
 
 import importlib.util
 import shutil
@@ -26,12 +27,17 @@ def chromium():
     return str(CHROMIUM)
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory, trained_model, synthetic_data):
-    make("web-build")
+def load_serve():
     spec = importlib.util.spec_from_file_location("serve", ROOT / "web" / "serve.py")
     serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve)
+    return serve
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, trained_model, synthetic_data):
+    make("web-build")
+    serve = load_serve()
     models = tmp_path_factory.mktemp("models")
     shutil.copy(need(STORIES260K), models / "model.bin")
     write_tokenizer(models / "tokenizer.bin", 512)
@@ -67,20 +73,45 @@ def generate(pg, steps, temperature=0.0, prompt=""):
     return [1] + [int(i) for i in pg.eval_on_selector("#ids", "e => JSON.parse(e.value)")]
 
 
-def test_file_picker_greedy_ids_match_c(page, site):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_file_picker_greedy_ids_match_c(page, site, threads):
     pg, errors = page
     _, models = site
+    pg.fill("#threads", str(threads))
     pg.set_input_files("#modelFile", str(models / "model.bin"))
     pg.set_input_files("#tokFile", str(models / "tokenizer.bin"))
     pg.click("#loadFiles")
     pg.wait_for_selector("#generate:not([disabled])", timeout=30000)
-    assert "dim 64, 5 layers, 8 heads (4 kv), vocab 512, seq_len 512" in pg.inner_text("#modelInfo")
+    info = pg.inner_text("#modelInfo")
+    assert "dim 64, 5 layers, 8 heads (4 kv), vocab 512, seq_len 512" in info
+    assert f"; {threads} thread{'s' if threads > 1 else ''}." in info  # not a silent fallback to 1
     ids = generate(pg, 256)
     want = c_greedy(STORIES260K, 256)
     assert [i for i in ids if i != 2] == want
     assert len(pg.inner_text("#story")) > 200
-    assert "tok/s" in pg.inner_text("#stats")
+    assert f"tok/s, 256 tokens (SIMD128, {threads} thread" in pg.inner_text("#stats")
     assert not errors
+
+
+def test_without_isolation_one_thread_and_a_note(page, site):
+    """A server without COOP/COEP: no shared memory, so the page runs 1 thread and says why."""
+    pg, errors = page
+    serve = load_serve()
+    server = serve.make_server(0, site[1], quiet=True, isolated=False)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    other = pg.context.browser.new_page()
+    try:
+        other.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        other.fill("#threads", "2")
+        other.click("#loadUrls")
+        other.wait_for_function("document.getElementById('modelInfo').textContent.startsWith('Loaded')",
+                                timeout=30000)
+        info = other.inner_text("#modelInfo")
+        assert "; 1 thread (more threads need a cross-origin isolated page" in info
+        assert [i for i in generate(other, 64) if i != 2] == c_greedy(STORIES260K, 64)
+    finally:
+        other.close()
+        server.shutdown()
 
 
 def test_fetched_from_server_seeded_and_screenshot(page):

@@ -1,8 +1,28 @@
 // The page: picks or fetches model.bin and tokenizer.bin, hands them to the
 // worker (which owns the WebAssembly module), and streams the story it sends.
 const $ = (id) => document.getElementById(id);
-const worker = new Worker("worker.js");
+let worker = null;
+let workerThreads = 0;
 let ids = [];
+let threadsUsed = 1;
+
+// A worker keeps its thread count for life, so a new count means a new worker.
+function workerFor(threads) {
+  if (worker && workerThreads === threads) return worker;
+  if (worker) worker.terminate(); // and its helpers with it
+  worker = new Worker("worker.js");
+  worker.onmessage = onMessage;
+  workerThreads = threads;
+  delete $("generate").dataset.ready;
+  return worker;
+}
+
+$("threads").value = Math.min(navigator.hardwareConcurrency || 1, 4);
+
+// The dot blinks from this thread's timer, so it stops if the page ever
+// freezes. (A CSS animation would go on on the compositor regardless, and
+// without a GPU its 60 frames a second took most of a core from generation.)
+setInterval(() => $("alive").classList.toggle("dim"), 500);
 
 function showError(msg) {
   $("error").textContent = msg;
@@ -18,9 +38,13 @@ function setBusy(busy) {
 async function loadFrom(getModel, getTok) {
   showError("");
   $("modelInfo").textContent = "Loading...";
+  delete $("generate").dataset.ready; // a load replaces the model, or fails without one
+  setBusy(false);
   try {
+    const threads = Math.round(Number($("threads").value));
+    if (!(threads >= 1 && threads <= 64)) throw new Error("threads must be a whole number from 1 to 64");
     const [model, tok] = await Promise.all([getModel(), getTok()]);
-    worker.postMessage({ type: "load", model, tok }, [model, tok]);
+    workerFor(threads).postMessage({ type: "load", model, tok, threads }, [model, tok]);
   } catch (e) {
     $("modelInfo").textContent = "No model loaded.";
     showError(String(e.message || e));
@@ -62,24 +86,29 @@ $("generate").onclick = () => {
 };
 $("stop").onclick = () => worker.postMessage({ type: "stop" });
 
-worker.onmessage = ({ data: m }) => {
+function onMessage({ data: m }) {
   switch (m.type) {
     case "loaded": {
       const c = m.config;
       const kind = c.version === 2 ? `int8 Q8_0 (group ${c.group_size})` : "fp32";
+      threadsUsed = m.threads;
+      const note = m.threads < workerThreads && !m.isolated
+        ? " (more threads need a cross-origin isolated page: the COOP/COEP headers web/serve.py sends)" : "";
       $("modelInfo").textContent = `Loaded: dim ${c.dim}, ${c.n_layers} layers, ${c.n_heads} heads ` +
-        `(${c.n_kv_heads} kv), vocab ${c.vocab_size}, seq_len ${c.seq_len}, version ${c.version} ${kind}.`;
+        `(${c.n_kv_heads} kv), vocab ${c.vocab_size}, seq_len ${c.seq_len}, version ${c.version} ${kind}; ` +
+        `${m.threads} thread${m.threads > 1 ? "s" : ""}${note}.`;
       $("generate").dataset.ready = "1";
       setBusy(false);
       break;
     }
     case "text":
-      $("story").textContent += m.text;
+      $("story").append(m.text); // a text node more, rather than the whole story anew
       ids.push(...m.ids);
       $("stats").textContent = `${m.tokps.toFixed(1)} tok/s`;
       break;
     case "done":
-      $("stats").textContent = `${m.tokps.toFixed(1)} tok/s, ${m.count} tokens (SIMD128, 1 thread)`;
+      $("stats").textContent = `${m.tokps.toFixed(1)} tok/s, ${m.count} tokens ` +
+        `(SIMD128, ${threadsUsed} thread${threadsUsed > 1 ? "s" : ""})`;
       $("ids").value = JSON.stringify(ids);
       document.body.dataset.done = "1";
       setBusy(false);
@@ -91,4 +120,4 @@ worker.onmessage = ({ data: m }) => {
       setBusy(false);
       break;
   }
-};
+}

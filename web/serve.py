@@ -1,8 +1,9 @@
 """Serve web/ on 127.0.0.1 (make web). With --models DIR, DIR is also served
 under /models/, so the page can fetch model.bin and tokenizer.bin from it.
 
-Sends the cross-origin isolation headers (COOP/COEP) so the page could use
-SharedArrayBuffer, and the wasm MIME type that instantiateStreaming needs."""
+Sends the cross-origin isolation headers (COOP/COEP), without which the page
+cannot share memory between threads (SharedArrayBuffer) and runs one, and the
+wasm MIME type that instantiateStreaming needs."""
 
 import argparse
 import functools
@@ -15,6 +16,7 @@ WEB = Path(__file__).resolve().parent
 
 class Handler(http.server.SimpleHTTPRequestHandler):
     models: Path | None = None
+    isolated = True
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".wasm": "application/wasm",
                       ".js": "text/javascript"}
 
@@ -26,8 +28,9 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         return super().translate_path(path)
 
     def end_headers(self):
-        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
-        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        if self.isolated:
+            self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+            self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
         self.send_header("Cache-Control", "no-store")
         super().end_headers()
 
@@ -36,9 +39,10 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             super().log_message(fmt, *args)
 
 
-def make_server(port=8000, models=None, quiet=False):
-    handler = functools.partial(type("H", (Handler,), {"models": Path(models).resolve() if models else None}),
-                                directory=str(WEB))
+def make_server(port=8000, models=None, quiet=False, isolated=True):
+    """isolated=False leaves out COOP/COEP (tests check that the page then runs one thread)."""
+    attrs = {"models": Path(models).resolve() if models else None, "isolated": isolated}
+    handler = functools.partial(type("H", (Handler,), attrs), directory=str(WEB))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.quiet = quiet
     return server
@@ -49,8 +53,9 @@ def main():
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--models", help="directory served as /models/ (model.bin, tokenizer.bin)")
     a = ap.parse_args()
-    if not (WEB / "llama.wasm").exists():
-        raise SystemExit("web/llama.wasm is missing: run `make web`")
+    for module in ("llama.wasm", "llama-threads.wasm"):
+        if not (WEB / module).exists():
+            raise SystemExit(f"web/{module} is missing: run `make web`")
     server = make_server(a.port, a.models)
     print(f"serving {WEB} on http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C to stop)")
     try:

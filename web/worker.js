@@ -1,18 +1,54 @@
 // The Web Worker: owns the WebAssembly module (run_web.zig) and generates one
 // token per step() call, posting text in batches so the page stays responsive.
+// With more than one thread it runs llama-threads.wasm on a shared memory and
+// starts a helper worker (helper.js) per extra thread; each matmul's rows are
+// split over them. A shared memory needs a cross-origin isolated page
+// (COOP/COEP headers, as web/serve.py sends); without one it runs 1 thread.
 let wasm = null;
+let memory = null;
+let threads = 1;
 let stopRequested = false;
 const encoder = new TextEncoder();
 
-async function instance() {
-  if (!wasm) {
-    const { instance } = await WebAssembly.instantiateStreaming(fetch("llama.wasm"), {});
-    wasm = instance.exports;
+async function instance(wanted) {
+  if (wasm) return;
+  try {
+    await instantiate(wanted);
+  } catch (e) {
+    wasm = null; // try afresh on the next load
+    throw e;
   }
-  return wasm;
 }
 
-const bytes = (ptr, len) => new Uint8Array(wasm.memory.buffer, ptr, len);
+async function instantiate(wanted) {
+  if (wanted > 1 && self.crossOriginIsolated) {
+    memory = new WebAssembly.Memory({ initial: 256, maximum: 65536, shared: true }); // as the Makefile's build
+    const module = await WebAssembly.compileStreaming(fetch("llama-threads.wasm"));
+    const env = { memory, now: () => performance.now() };
+    wasm = (await WebAssembly.instantiate(module, { env })).exports;
+    if (wasm.threads(wanted) !== 0) throw new Error(lastError());
+    const started = [];
+    for (let index = 1; index < wanted; index++) {
+      const stack = wasm.helperStack();
+      if (!stack) throw new Error(`out of memory for ${wanted} threads`);
+      const helper = new Worker("helper.js");
+      started.push(new Promise((ready, failed) => {
+        helper.onmessage = ready; // sent once its instance is up, before it starts serving
+        helper.onerror = (e) => failed(new Error(`helper thread ${index}: ${e.message}`));
+      }));
+      helper.postMessage({ module, memory, index, stack });
+    }
+    await Promise.all(started);
+    threads = wanted;
+  } else {
+    const { instance } = await WebAssembly.instantiateStreaming(fetch("llama.wasm"), {});
+    wasm = instance.exports;
+    memory = wasm.memory;
+  }
+}
+
+// A view of wasm memory (made afresh: the memory may have grown since)
+const bytes = (ptr, len) => new Uint8Array(memory.buffer, ptr, len);
 const lastError = () => new TextDecoder().decode(bytes(wasm.errorPtr(), wasm.errorLen()).slice());
 
 // Copy an ArrayBuffer into a fresh 64-byte aligned wasm buffer.
@@ -23,8 +59,8 @@ function copyIn(buf) {
   return ptr;
 }
 
-async function load({ model, tok }) {
-  await instance();
+async function load({ model, tok, threads: wanted }) {
+  await instance(wanted);
   const mp = copyIn(model);
   const tp = copyIn(tok);
   const rc = wasm.load(mp, model.byteLength, tp, tok.byteLength); // takes the model buffer
@@ -32,7 +68,7 @@ async function load({ model, tok }) {
   if (rc !== 0) throw new Error(lastError());
   const names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len", "version", "group_size"];
   const config = Object.fromEntries(names.map((n, i) => [n, wasm.configField(i)]));
-  postMessage({ type: "loaded", config });
+  postMessage({ type: "loaded", config, threads, isolated: self.crossOriginIsolated });
 }
 
 const tick = () => new Promise((r) => setTimeout(r, 0));
@@ -55,10 +91,11 @@ async function generate({ prompt, steps, temperature, topp, seed }) {
     if (id === -1) break;
     count++;
     if (count === 1) start = performance.now(); // from the second token, as run.c
-    pending += decoder.decode(bytes(wasm.piecePtr(), wasm.pieceLen()), { stream: true });
+    // (a copy: TextDecoder refuses views of shared memory)
+    pending += decoder.decode(bytes(wasm.piecePtr(), wasm.pieceLen()).slice(), { stream: true });
     pendingIds.push(id);
     const now = performance.now();
-    if (now - lastPost > 50) { // batch the messages; let a "stop" in
+    if (now - lastPost > 200) { // batch the messages; let a "stop" in
       postMessage({ type: "text", text: pending, ids: pendingIds, tokps: rate() });
       pending = "";
       pendingIds = [];
