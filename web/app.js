@@ -92,8 +92,7 @@ function onMessage({ data: m }) {
       const c = m.config;
       const kind = c.version === 2 ? `int8 Q8_0 (group ${c.group_size})` : "fp32";
       threadsUsed = m.threads;
-      const note = m.threads < workerThreads && !m.isolated
-        ? " (more threads need a cross-origin isolated page: the COOP/COEP headers web/serve.py sends)" : "";
+      const note = m.fewerThreads ? ` (${m.fewerThreads})` : "";
       $("modelInfo").textContent = `Loaded: dim ${c.dim}, ${c.n_layers} layers, ${c.n_heads} heads ` +
         `(${c.n_kv_heads} kv), vocab ${c.vocab_size}, seq_len ${c.seq_len}, version ${c.version} ${kind}; ` +
         `${m.threads} thread${m.threads > 1 ? "s" : ""}${note}.`;

@@ -7,6 +7,7 @@
 let wasm = null;
 let memory = null;
 let threads = 1;
+let fewerThreads = ""; // why there are fewer threads than asked for
 let stopRequested = false;
 const encoder = new TextEncoder();
 
@@ -20,9 +21,22 @@ async function instance(wanted) {
   }
 }
 
+// A shared memory of up to 4 GiB (as the Makefile's build), or null and why not.
+function sharedMemory() {
+  if (!self.crossOriginIsolated) {
+    fewerThreads = "more threads need a cross-origin isolated page: the COOP/COEP headers web/serve.py sends";
+    return null;
+  }
+  try {
+    return new WebAssembly.Memory({ initial: 256, maximum: 65536, shared: true });
+  } catch (e) {
+    fewerThreads = `no shared memory for threads here: ${e.message || e}`;
+    return null;
+  }
+}
+
 async function instantiate(wanted) {
-  if (wanted > 1 && self.crossOriginIsolated) {
-    memory = new WebAssembly.Memory({ initial: 256, maximum: 65536, shared: true }); // as the Makefile's build
+  if (wanted > 1 && (memory = sharedMemory())) {
     const module = await WebAssembly.compileStreaming(fetch("llama-threads.wasm"));
     const env = { memory, now: () => performance.now() };
     wasm = (await WebAssembly.instantiate(module, { env })).exports;
@@ -68,7 +82,7 @@ async function load({ model, tok, threads: wanted }) {
   if (rc !== 0) throw new Error(lastError());
   const names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len", "version", "group_size"];
   const config = Object.fromEntries(names.map((n, i) => [n, wasm.configField(i)]));
-  postMessage({ type: "loaded", config, threads, isolated: self.crossOriginIsolated });
+  postMessage({ type: "loaded", config, threads, fewerThreads: threads < wanted ? fewerThreads : "" });
 }
 
 const tick = () => new Promise((r) => setTimeout(r, 0));
