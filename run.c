@@ -751,7 +751,6 @@ static long block_edge(const double *cut, long blocks, int t) {
 
 /* This thread's share [*a, *b) of n items in blocks of `blk`: contiguous, so
  * four-row kernels and RoPE pairs never straddle threads. */
-
 static void split(const double *cut, int n, int blk, int *a, int *b) {
     const int tid = omp_get_thread_num();
     const long blocks = (n + blk - 1) / blk;

@@ -88,8 +88,15 @@ BUILDS = [
     # at 2 threads with its threaded module (WEB_THREADS) and a helper Web Worker
     ("web-chromium", "web", "-O ReleaseFast -mcpu=generic+simd128 -target wasm32-freestanding"),
 ]
-WEB_THREADS = ("-mcpu=generic+simd128+atomics+bulk_memory -fno-single-threaded --import-memory --shared-memory"
-               " --initial-memory=16777216 --max-memory=4294967296")  # the Makefile's ZIG_WASM_THREADS
+
+
+def _makefile_flags(name) -> str:
+    """A flags variable of the Makefile (`NAME = ...`, continuation lines joined), so the two agree."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    return " ".join(re.search(rf"^{name}\s*=(.*)$", text, re.M).group(1).split())
+
+
+WEB_THREADS = _makefile_flags("ZIG_WASM_THREADS")  # the browser's threaded module
 QUICK_BUILDS = ["gcc-O3", "gcc-Ofast-native-omp", "clang-Ofast-native-omp", "zig-O3-fast-native",
                 "zig-x86_64-musl-static", "zig-aarch64-musl-static", "run.zig", "run.wasm-wasmtime", "web-chromium"]
 PRECISIONS = {"fp32": (1, "f32"), "int8": (2, "q8_0")}  # ours: model.bin version; llama.cpp: GGUF type
@@ -347,9 +354,9 @@ def time_chromium(module_path, files, prec, threads, steps, seed) -> float | Non
             page.fill("#modelUrl", f"models/{model}")
             page.fill("#tokUrl", f"models/{Path(files['tok']).name}")
             page.click("#loadUrls")
+            info = "document.getElementById('modelInfo').textContent"
             s = "" if threads == 1 else "s"  # the page says how many threads it got
-            page.wait_for_function(f"document.getElementById('modelInfo').textContent.startsWith('Loaded')"
-                                   f" && document.getElementById('modelInfo').textContent.includes('; {threads} thread{s}')"
+            page.wait_for_function(f"{info}.startsWith('Loaded') && {info}.includes('; {threads} thread{s}')"
                                    f" && document.getElementById('modelUrl').value.endsWith('{model}')",
                                    timeout=300_000, polling=100)
             _browser["loaded"] = (model, threads)
@@ -532,8 +539,8 @@ def markdown(res, chart_name="bench.png") -> str:
     for label, ok, v in goals(rows):
         L.append(f"| {label} | {v} | {'-' if ok is None else 'yes' if ok else '**no**'} |")
     L += ["", "### Every build", "",
-          "tok/s, median (min-max) of the rounds; threaded builds (OpenMP, run.zig, the browser page) also at 2 threads. "
-          "Size: the stripped binary (`-s`).", "",
+          "tok/s, median (min-max) of the rounds; threaded builds (OpenMP, run.zig, the browser page) also at"
+          " 2 threads. Size: the stripped binary (`-s`).", "",
           "| build | flags | size KB | " + " | ".join(cols) + " |", "|---|---|---:|" + "---:|" * len(cols)]
     for b in res["builds"]:
         if "error" in b:
