@@ -377,7 +377,7 @@ def main():
             for t in threads:
                 along = []  # the bandwidth right before each run: the host's share drifts
                 off = tok_per_s(path, tok, t, args.runs, args.steps, 1.0,
-                                before=lambda: along.append(stream_bandwidth(t)))
+                                before=lambda along=along, t=t: along.append(stream_bandwidth(t)))
                 on = tok_per_s(path, tok, t, args.runs, args.steps, 0.9)
                 ratio = ""
                 if old_t:  # alternate old and new, several rounds; best of each
