@@ -1461,14 +1461,47 @@ fn argmax(p: []const f32) u32 {
     return if (i < p.len) @intCast(i) else 0; // all NaN
 }
 
-fn keptMass(p: []const f32, th: f32) f32 {
-    var sum: f32 = 0;
-    for (p) |v| sum += if (v >= th) v else 0;
+/// The sum of the values of p that are >= th (or > th, if `strict`), in
+/// vectors: one add chain through 32,000 floats took ~10% of a 15M int8 token.
+fn massFrom(p: []const f32, th: f32, comptime strict: bool) f32 {
+    const t: F32s = @splat(th);
+    const zero: F32s = @splat(0);
+    var acc = zero;
+    var i: usize = 0;
+    while (i + f32_lanes <= p.len) : (i += f32_lanes) {
+        const v = load(p, i);
+        acc += @select(f32, if (strict) v > t else v >= t, v, zero);
+    }
+    var sum = @reduce(.Add, acc);
+    for (p[i..]) |v| sum += if (if (strict) v > th else v >= th) v else 0;
     return sum;
+}
+
+fn keptMass(p: []const f32, th: f32) f32 {
+    return massFrom(p, th, false);
 }
 
 fn massAtLeast(p: []const f32, th: f32) f32 {
     return keptMass(p, th);
+}
+
+/// The smallest and the largest value, in vectors (compare and select, as maxVec).
+fn minMax(p: []const f32) [2]f32 {
+    var lo: F32s = @splat(p[0]);
+    var hi = lo;
+    var i: usize = 0;
+    while (i + f32_lanes <= p.len) : (i += f32_lanes) {
+        const v = load(p, i);
+        lo = @select(f32, v < lo, v, lo);
+        hi = maxVec(hi, v);
+    }
+    var min = -maxLane(-lo);
+    var max = maxLane(hi);
+    for (p[i..]) |v| {
+        min = @min(min, v);
+        max = @max(max, v);
+    }
+    return .{ min, max };
 }
 
 /// Pick i with probability p[i]/mass among p[i] >= th, by coin in [0, 1);
@@ -1536,8 +1569,7 @@ fn toppThreshold(p: []const f32, topp: f32, buf: []f32) f32 {
             return if (few.len > 0) few[few.len - 1] else 0;
         }
         if (round > 0) { // exact bounds of the current candidates
-            lo = std.mem.min(f32, src);
-            hi = std.mem.max(f32, src);
+            lo, hi = minMax(src);
             if (lo >= hi) return lo; // all equal: keep them all
         }
         var pivot = mass / @as(f32, @floatFromInt(src.len));
@@ -1546,8 +1578,7 @@ fn toppThreshold(p: []const f32, topp: f32, buf: []f32) f32 {
             const b: u64 = @as(u32, @bitCast(hi));
             pivot = @bitCast(@as(u32, @intCast((a + b) / 2)));
         }
-        var above: f32 = 0;
-        for (src) |x| above += if (x > pivot) x else 0;
+        const above = massFrom(src, pivot, true);
         const n = if (above >= need) blk: { // the boundary is above the pivot
             mass = above;
             break :blk compact(buf, src, pivot, true);
