@@ -1442,7 +1442,7 @@ pub const Sampler = struct {
         const coin = s.nextF32();
         if (s.topp <= 0 or s.topp >= 1) return sampleFrom(logits, 0, 1, coin);
         const th = toppThreshold(logits, s.topp, s.buf);
-        return sampleFrom(logits, th, massAtLeast(logits, th), coin);
+        return sampleFrom(logits, th, massFrom(logits, th, false), coin);
     }
 };
 
@@ -1477,14 +1477,6 @@ fn massFrom(p: []const f32, th: f32, comptime strict: bool) f32 {
     return sum;
 }
 
-fn keptMass(p: []const f32, th: f32) f32 {
-    return massFrom(p, th, false);
-}
-
-fn massAtLeast(p: []const f32, th: f32) f32 {
-    return keptMass(p, th);
-}
-
 /// The smallest and the largest value, in vectors (compare and select, as maxVec).
 fn minMax(p: []const f32) [2]f32 {
     var lo: F32s = @splat(p[0]);
@@ -1512,7 +1504,7 @@ fn sampleFrom(p: []const f32, th: f32, mass: f32, coin: f32) u32 {
     var last: ?usize = null;
     var i: usize = 0;
     while (i + 16 <= p.len) : (i += 16) {
-        const bs = keptMass(p[i..][0..16], th);
+        const bs = massFrom(p[i..][0..16], th, false);
         if (cum + bs > r) break;
         cum += bs;
     }
