@@ -114,8 +114,12 @@ typedef struct {
     float *k, *v;             /* kvD: this position's key and value, before the cache */
     float *att;               /* n_heads × S: attention scores */
     float *logits;            /* V */
-    float *key_cache;         /* L × n_kv_heads × S × hs: head-major, so attention */
-    float *value_cache;       /* reads each head's past keys/values as one stream */
+    /* L × n_kv_heads × S × hs: head-major, so attention reads each head's past
+     * keys (values) as one stream. fp32 for fp32 models; fp16 for int8 models
+     * (as llama.cpp keeps its cache): their activations are rounded to 8 bits
+     * already, and attention reads half the bytes */
+    void *key_cache, *value_cache;
+    int kv_size;              /* bytes per cached number: 4 (fp32) or 2 (fp16) */
     Scratch *th;              /* one per thread (n_th) */
     int n_th, team;           /* threads allocated for; in the last forward's team */
     double *cut;              /* n_th + 1: thread t's rows are [cut[t], cut[t+1]) of each matrix */
@@ -381,7 +385,8 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
     /* run state: everything the forward pass needs, allocated once */
     RunState *s = &t->s;
     int S = c->seq_len, hs = D / c->n_heads, maxDH = D > H ? D : H;
-    uint64_t kv_bytes = 2ull * L * S * kvD * 4;
+    s->kv_size = t->gs ? 2 : 4;
+    uint64_t kv_bytes = 2ull * L * S * kvD * s->kv_size;
     if (kv_bytes > MAX_STATE_BYTES) {
         set_err("%s: KV cache for seq_len %d would need %.1f GiB", name, S, kv_bytes / 1073741824.0);
         free(w->wq); w->wq = NULL;
@@ -391,7 +396,7 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
     s->hb = calloc(H, 4); s->hb2 = calloc(H, 4); s->q = calloc(D, 4);
     s->k = calloc(kvD, 4); s->v = calloc(kvD, 4);
     s->att = calloc((size_t)c->n_heads * S, 4); s->logits = calloc(V, 4);
-    s->key_cache = calloc((size_t)L * S * kvD, 4); s->value_cache = calloc((size_t)L * S * kvD, 4);
+    s->key_cache = calloc((size_t)L * S * kvD, s->kv_size); s->value_cache = calloc((size_t)L * S * kvD, s->kv_size);
     s->rope_cos = calloc((size_t)S * hs / 2, 4); s->rope_sin = calloc((size_t)S * hs / 2, 4);
     s->n_th = omp_get_max_threads();
     s->th = calloc(s->n_th, sizeof(Scratch));
@@ -851,6 +856,52 @@ static inline void axpy(float *o, float a, const float *v, int n) {
     for (int i = 0; i < n; i++) o[i] += a * v[i];
 }
 
+/* IEEE half precision (fp16) for the KV cache of int8 models, by bit
+ * arithmetic so that every compiler and target (WebAssembly too) rounds alike.
+ * to_f16 rounds to nearest even and saturates at +-65504 instead of overflowing
+ * to infinity; from_f16 is exact for every finite half. */
+static inline uint16_t to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000;
+    u &= 0x7fffffff;
+    if (u >= 0x477ff000) return (uint16_t)(sign | 0x7bff); /* rounds to 65520 or more; NaN too */
+    if (u < 0x38800000) { /* below 2^-14: a subnormal half (or zero); the float add rounds it */
+        float a;
+        memcpy(&a, &u, 4);
+        a += 0.5f; /* lands the half's bits in the low mantissa bits of 0.5 */
+        memcpy(&u, &a, 4);
+        return (uint16_t)(sign | (u - 0x3f000000));
+    }
+    u += 0xc8000fff + ((u >> 13) & 1); /* rebias 127 -> 15, round to nearest even */
+    return (uint16_t)(sign | (u >> 13));
+}
+static inline float from_f16(uint16_t h) {
+    uint32_t u = (uint32_t)(h & 0x7fff) << 13, sign = (uint32_t)(h & 0x8000) << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    f *= 0x1p112f; /* rebias 15 -> 127; turns subnormal halves into normal floats */
+    memcpy(&u, &f, 4);
+    u |= sign;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* q · k and o += a v for one cached key or value, fp32 or fp16 (kv_size 4, 2) */
+static inline float dot_cached(const float *q, const void *k, int n, int kv_size) {
+    if (kv_size == 4) return dot(q, k, n);
+    const uint16_t *kb = k;
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) sum += q[i] * from_f16(kb[i]);
+    return sum;
+}
+
+static inline void axpy_cached(float *o, float a, const void *v, int n, int kv_size) {
+    if (kv_size == 4) { axpy(o, a, v, n); return; }
+    const uint16_t *vb = v;
+    for (int i = 0; i < n; i++) o[i] += a * from_f16(vb[i]);
+}
+
 static void rope(float *v, int a, int b, int hs, const float *cosr, const float *sinr) {
     for (int i = a; i < b; i += 2) {
         float c0 = cosr[(i % hs) / 2], s0 = sinr[(i % hs) / 2], x0 = v[i], x1 = v[i + 1];
@@ -884,20 +935,29 @@ static void forward_team(Transformer *t, int pos) {
         /* q, k and v of my heads, each one matmul over all my rows (per-head
          * calls of 64 rows ran the 110M qkv phase ~20% slower per byte at 1
          * thread); then k and v into the cache at pos */
-        float *kl = s->key_cache + (size_t)l * kvD * S, *vl = s->value_cache + (size_t)l * kvD * S;
+        const int kvs = s->kv_size;
+        const size_t row = (size_t)hs * kvs; /* bytes of one head's key (value) at one position */
+        char *kl = (char *)s->key_cache + (size_t)l * kvD * S * kvs, *vl = (char *)s->value_cache + (size_t)l * kvD * S * kvs;
         matmul(sc, s->q, &w->wq[l], in, D, q0, q1);
         matmul(sc, s->k, &w->wk[l], in, D, k0 * hs, k1 * hs);
         matmul(sc, s->v, &w->wv[l], in, D, k0 * hs, k1 * hs);
         rope(s->q, q0, q1, hs, cosr, sinr);
         rope(s->k, k0 * hs, k1 * hs, hs, cosr, sinr);
         for (int kh = k0; kh < k1; kh++) {
-            memcpy(kl + ((size_t)kh * S + pos) * hs, s->k + (size_t)kh * hs, hs * sizeof(float));
-            memcpy(vl + ((size_t)kh * S + pos) * hs, s->v + (size_t)kh * hs, hs * sizeof(float));
+            char *kp = kl + ((size_t)kh * S + pos) * row, *vp = vl + ((size_t)kh * S + pos) * row;
+            const float *kf = s->k + (size_t)kh * hs, *vf = s->v + (size_t)kh * hs;
+            if (kvs == 4) {
+                memcpy(kp, kf, row);
+                memcpy(vp, vf, row);
+            } else {
+                for (int i = 0; i < hs; i++) ((uint16_t *)kp)[i] = to_f16(kf[i]);
+                for (int i = 0; i < hs; i++) ((uint16_t *)vp)[i] = to_f16(vf[i]);
+            }
         }
         /* attention of my heads; output into xb */
         for (int h = q0 / hs; h < q1 / hs; h++) {
             const float *qh = s->q + (size_t)h * hs;
-            const float *kh = kl + (size_t)(h / kvmul) * S * hs, *vh = vl + (size_t)(h / kvmul) * S * hs;
+            const char *kh = kl + (size_t)(h / kvmul) * S * row, *vh = vl + (size_t)(h / kvmul) * S * row;
             float *att = s->att + (size_t)h * S;
             /* Each head's keys and values are two short streams that the
              * hardware prefetcher meets cold: fetch the values while reading
@@ -905,17 +965,17 @@ static void forward_team(Transformer *t, int pos) {
              * while reading the values (+2% tok/s at 42M/110M int8, 1 and 2
              * threads, A/B measured). */
             const int more = h + 1 < q1 / hs && (h + 1) / kvmul != h / kvmul;
-            const float *kn = more ? kl + (size_t)((h + 1) / kvmul) * S * hs : kh;
+            const char *kn = more ? kl + (size_t)((h + 1) / kvmul) * S * row : kh;
             for (int p = 0; p <= pos; p++) {
-                for (int i = 0; i < hs; i += 16) __builtin_prefetch(vh + (size_t)p * hs + i);
-                att[p] = dot(qh, kh + (size_t)p * hs, hs) * scale;
+                for (size_t i = 0; i < row; i += 64) __builtin_prefetch(vh + p * row + i);
+                att[p] = dot_cached(qh, kh + p * row, hs, kvs) * scale;
             }
             softmax(att, pos + 1);
             float *o = s->xb + (size_t)h * hs;
             memset(o, 0, hs * sizeof(float));
             for (int p = 0; p <= pos; p++) {
-                if (more) for (int i = 0; i < hs; i += 16) __builtin_prefetch(kn + (size_t)p * hs + i);
-                axpy(o, att[p], vh + (size_t)p * hs, hs);
+                if (more) for (size_t i = 0; i < row; i += 64) __builtin_prefetch(kn + p * row + i);
+                axpy_cached(o, att[p], vh + p * row, hs, kvs);
             }
         }
 #pragma omp barrier
@@ -1453,6 +1513,10 @@ int rt_generate(Transformer *t, const int *prompt, int np, int steps, float temp
     free(sp.tmp);
     return n;
 }
+
+/* The KV cache's fp16 conversions over arrays (for tests) */
+void rt_to_f16(const float *x, uint16_t *out, long n) { for (long i = 0; i < n; i++) out[i] = to_f16(x[i]); }
+void rt_from_f16(const uint16_t *h, float *out, long n) { for (long i = 0; i < n; i++) out[i] = from_f16(h[i]); }
 
 /* The top-p threshold for probabilities p (for tests): the nucleus is p >= it. */
 float rt_topp_threshold(const float *p, int n, float topp) {

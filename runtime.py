@@ -56,6 +56,8 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
              ctypes.c_ulonglong, ctypes.c_int, c_int_p],
         ),
         "rt_topp_threshold": (ctypes.c_float, [ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_float]),
+        "rt_to_f16": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]),
+        "rt_from_f16": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]),
         "rt_tokenizer_open": (ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]),
         "rt_tokenizer_close": (None, [ctypes.c_void_p]),
         "rt_encode": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_long, ctypes.c_int,
