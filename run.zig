@@ -229,10 +229,10 @@ pub const Transformer = struct {
             t.splitStraddledGroups() catch return diag.fail(error.OutOfMemory, "{s}: out of memory", .{name});
         errdefer gpa.free(t.w2_scales);
 
-        const kv_bytes: u64 = 2 * @as(u64, config.n_layers) * config.seq_len * config.kvDim() * 4;
+        const kv_bytes: u64 = 2 * @as(u64, config.n_layers) * config.seq_len * config.kvDim() * @as(u64, if (gs != 0) 2 else 4);
         if (kv_bytes > max_state_bytes)
             return diag.fail(error.BadModel, "{s}: KV cache for seq_len {d} would need {d:.1} GiB", .{ name, config.seq_len, @as(f64, @floatFromInt(kv_bytes)) / 1073741824.0 });
-        t.state = State.init(gpa, config) catch return diag.fail(error.OutOfMemory, "{s}: out of memory for the run state", .{name});
+        t.state = State.init(gpa, config, gs != 0) catch return diag.fail(error.OutOfMemory, "{s}: out of memory for the run state", .{name});
         return t;
     }
 
@@ -422,15 +422,19 @@ const State = struct {
     att: []f32, // n_heads × S: attention scores
     logits: []f32, // V
     // L × n_kv_heads × S × hs: each head's keys (values) are one contiguous
-    // stream for attention to read, as in run.c (1.1x at 42M int8 over S × kvD)
+    // stream for attention to read, as in run.c (1.1x at 42M int8 over S × kvD).
+    // fp32 for fp32 models; fp16 for int8 models, whose activations are rounded
+    // to 8 bits already: attention reads half the bytes. One pair is empty.
     key_cache: []f32,
     value_cache: []f32,
+    key_cache16: []u16,
+    value_cache16: []u16,
     xq: []i8, // the quantized matmul input (int8 models), max(D, H)
     xs: []f32, // its group scales
     rope_cos: []f32, // S × hs/2
     rope_sin: []f32,
 
-    fn init(gpa: Allocator, c: Config) Allocator.Error!State {
+    fn init(gpa: Allocator, c: Config, fp16_cache: bool) Allocator.Error!State {
         var arena = std.heap.ArenaAllocator.init(gpa);
         errdefer arena.deinit();
         const a = arena.allocator();
@@ -449,8 +453,10 @@ const State = struct {
             .v = try a.alloc(f32, c.kvDim()),
             .att = try a.alloc(f32, c.n_heads * c.seq_len),
             .logits = try a.alloc(f32, c.vocab_size),
-            .key_cache = try a.alloc(f32, kv),
-            .value_cache = try a.alloc(f32, kv),
+            .key_cache = try a.alloc(f32, if (fp16_cache) 0 else kv),
+            .value_cache = try a.alloc(f32, if (fp16_cache) 0 else kv),
+            .key_cache16 = try a.alloc(u16, if (fp16_cache) kv else 0),
+            .value_cache16 = try a.alloc(u16, if (fp16_cache) kv else 0),
             .xq = try a.alloc(i8, wide),
             .xs = try a.alloc(f32, wide),
             .rope_cos = try a.alloc(f32, c.seq_len * hs / 2),
@@ -458,6 +464,8 @@ const State = struct {
         };
         @memset(s.key_cache, 0);
         @memset(s.value_cache, 0);
+        @memset(s.key_cache16, 0);
+        @memset(s.value_cache16, 0);
         // RoPE as PyTorch computes it (fp32 frequencies and angles): pair
         // (i, i+1) of each head turns by pos / 10000^(i/hs).
         for (0..c.seq_len) |pos| {
@@ -515,6 +523,57 @@ fn axpy(out: []f32, a: f32, v: []const f32) void {
     var i: usize = 0;
     while (i + f32_lanes <= out.len) : (i += f32_lanes) out[i..][0..f32_lanes].* = mulAdd(av, load(v, i), load(out, i));
     while (i < out.len) : (i += 1) out[i] += a * v[i];
+}
+
+/// IEEE half precision (fp16) for the KV cache of int8 models, by bit
+/// arithmetic as run.c does, so that every target rounds alike: to nearest
+/// even, saturating at +-65504 instead of overflowing to infinity.
+fn toF16(f: f32) u16 {
+    var u: u32 = @bitCast(f);
+    const sign: u32 = (u >> 16) & 0x8000;
+    u &= 0x7fffffff;
+    if (u >= 0x477ff000) return @intCast(sign | 0x7bff); // rounds to 65520 or more; NaN too
+    if (u < 0x38800000) { // below 2^-14: a subnormal half (or zero); the float add rounds it
+        const a = @as(f32, @bitCast(u)) + 0.5; // lands the half's bits in the low mantissa bits of 0.5
+        return @intCast(sign | (@as(u32, @bitCast(a)) - 0x3f000000));
+    }
+    u +%= 0xc8000fff + ((u >> 13) & 1); // rebias 127 -> 15, round to nearest even
+    return @intCast(sign | (u >> 13));
+}
+
+const U32s = @Vector(f32_lanes, u32);
+
+/// f32_lanes halves from s[i..] as floats: exact for every finite half.
+inline fn loadF16(s: []const u16, i: usize) F32s {
+    const h: U32s = @intCast(@as(@Vector(f32_lanes, u16), s[i..][0..f32_lanes].*));
+    const mag: F32s = @bitCast((h & @as(U32s, @splat(0x7fff))) << @splat(13));
+    const f: U32s = @bitCast(mag * @as(F32s, @splat(0x1p112))); // rebias 15 -> 127
+    return @bitCast(f | ((h & @as(U32s, @splat(0x8000))) << @splat(16)));
+}
+
+fn fromF16(h: u16) f32 {
+    const mag: f32 = @bitCast(@as(u32, h & 0x7fff) << 13);
+    const f: u32 = @bitCast(mag * 0x1p112);
+    return @bitCast(f | (@as(u32, h & 0x8000) << 16));
+}
+
+/// dot and axpy over one cached key or value, fp32 or fp16
+inline fn dotCached(comptime T: type, q: []const f32, k: []const T) f32 {
+    if (T == f32) return dot(q, k);
+    var acc: F32s = @splat(0);
+    var i: usize = 0;
+    while (i + f32_lanes <= k.len) : (i += f32_lanes) acc = mulAdd(load(q, i), loadF16(k, i), acc);
+    var sum = @reduce(.Add, acc);
+    while (i < k.len) : (i += 1) sum += q[i] * fromF16(k[i]);
+    return sum;
+}
+
+inline fn axpyCached(comptime T: type, out: []f32, a: f32, v: []const T) void {
+    if (T == f32) return axpy(out, a, v);
+    const av: F32s = @splat(a);
+    var i: usize = 0;
+    while (i + f32_lanes <= out.len) : (i += f32_lanes) out[i..][0..f32_lanes].* = mulAdd(av, loadF16(v, i), load(out, i));
+    while (i < out.len) : (i += 1) out[i] += a * fromF16(v[i]);
 }
 
 fn rmsnorm(out: []f32, x: []const f32, w: []const f32) void {
@@ -957,7 +1016,7 @@ fn rope(x: []f32, lo: usize, hi: usize, hs: usize, cos: []const f32, sin: []cons
 }
 
 /// Head `kv_head`'s keys (or values) in a layer's KV cache: seq_len × hs.
-fn headCache(t: *Transformer, cache: []f32, layer: usize, kv_head: usize) []f32 {
+fn headCache(comptime T: type, t: *Transformer, cache: []T, layer: usize, kv_head: usize) []T {
     const c = t.config;
     const n = c.seq_len * c.headSize();
     return cache[(layer * c.n_kv_heads + kv_head) * n ..][0..n];
@@ -979,13 +1038,24 @@ fn attentionInputs(st: Step, part: Part) void {
     t.matmul(s.v, layer.wv, s.xb, ka, kb);
     rope(s.k, ka, kb, hs, cos, sin);
     for (ka..kb) |r| {
-        headCache(t, s.key_cache, st.layer, r / hs)[st.pos * hs + r % hs] = s.k[r];
-        headCache(t, s.value_cache, st.layer, r / hs)[st.pos * hs + r % hs] = s.v[r];
+        const i = st.pos * hs + r % hs;
+        if (s.key_cache16.len > 0) {
+            headCache(u16, t, s.key_cache16, st.layer, r / hs)[i] = toF16(s.k[r]);
+            headCache(u16, t, s.value_cache16, st.layer, r / hs)[i] = toF16(s.v[r]);
+        } else {
+            headCache(f32, t, s.key_cache, st.layer, r / hs)[i] = s.k[r];
+            headCache(f32, t, s.value_cache, st.layer, r / hs)[i] = s.v[r];
+        }
     }
 }
 
 /// Causal attention over positions 0..pos, heads split over the parts; out into xb.
 fn attention(st: Step, part: Part) void {
+    const s = &st.t.state;
+    if (s.key_cache16.len > 0) attendHeads(u16, st, part, s.key_cache16, s.value_cache16) else attendHeads(f32, st, part, s.key_cache, s.value_cache);
+}
+
+fn attendHeads(comptime T: type, st: Step, part: Part, key_cache: []T, value_cache: []T) void {
     const t = st.t;
     const c = t.config;
     const s = &t.state;
@@ -996,33 +1066,33 @@ fn attention(st: Step, part: Part) void {
     for (c.n_heads * part.index / part.count..end) |h| {
         const q = s.q[h * hs ..][0..hs];
         const att = s.att[h * c.seq_len ..][0 .. st.pos + 1];
-        const keys = headCache(t, s.key_cache, st.layer, h / group);
-        const values = headCache(t, s.value_cache, st.layer, h / group);
+        const keys = headCache(T, t, key_cache, st.layer, h / group);
+        const values = headCache(T, t, value_cache, st.layer, h / group);
         // a head's keys and values are short streams the hardware prefetcher
         // meets cold: fetch the values while reading the keys, and the next
         // head's keys (unless it shares these) while reading the values (as run.c)
         const next_keys = if (h + 1 < end and (h + 1) / group != h / group)
-            headCache(t, s.key_cache, st.layer, (h + 1) / group)
+            headCache(T, t, key_cache, st.layer, (h + 1) / group)
         else
             null;
         for (att, 0..) |*a, p| {
-            prefetchRow(values[p * hs ..][0..hs]);
-            a.* = dot(q, keys[p * hs ..][0..hs]) * scale;
+            prefetchRow(T, values[p * hs ..][0..hs]);
+            a.* = dotCached(T, q, keys[p * hs ..][0..hs]) * scale;
         }
         softmax(att);
         const o = s.xb[h * hs ..][0..hs];
         @memset(o, 0);
         for (att, 0..) |a, p| {
-            if (next_keys) |nk| prefetchRow(nk[p * hs ..][0..hs]);
-            axpy(o, a, values[p * hs ..][0..hs]);
+            if (next_keys) |nk| prefetchRow(T, nk[p * hs ..][0..hs]);
+            axpyCached(T, o, a, values[p * hs ..][0..hs]);
         }
     }
 }
 
 /// A prefetch per cache line of `row` (WebAssembly has none: a no-op there).
-inline fn prefetchRow(row: []const f32) void {
+inline fn prefetchRow(comptime T: type, row: []const T) void {
     var i: usize = 0;
-    while (i < row.len) : (i += 16) @prefetch(row[i..].ptr, .{});
+    while (i < row.len) : (i += 64 / @sizeOf(T)) @prefetch(row[i..].ptr, .{});
 }
 
 fn attentionOutput(st: Step, part: Part) void {
@@ -1987,4 +2057,29 @@ test "argmax: the first of equal maxima, a maximum in the tail, and 0 when all a
     try std.testing.expectEqual(@as(u32, 9), argmax(&p));
     const nan: [6]f32 = @splat(std.math.nan(f32));
     try std.testing.expectEqual(@as(u32, 0), argmax(&nan));
+}
+
+test "fp16 cache: every finite half converts back exactly, and toF16 rounds as @floatCast, saturating" {
+    var h: u32 = 0;
+    while (h < 0x10000) : (h += 1) {
+        const half: f16 = @bitCast(@as(u16, @intCast(h)));
+        if (std.math.isNan(half) or std.math.isInf(half)) continue;
+        const want: f32 = half;
+        const v: [f32_lanes]u16 = @splat(@intCast(h));
+        try std.testing.expectEqual(@as(u32, @bitCast(want)), @as(u32, @bitCast(fromF16(@intCast(h)))));
+        try std.testing.expectEqual(@as(u32, @bitCast(want)), @as(u32, @bitCast(loadF16(&v, 0)[f32_lanes - 1])));
+        try std.testing.expectEqual(@as(u16, @intCast(h)), toF16(want));
+    }
+    // float32 bit patterns from 2^-27 to 65504 (subnormal and normal halves, ties included)
+    var u: u32 = (127 - 27) << 23;
+    while (u < 0x477fe000) : (u += 977) {
+        const f: f32 = @bitCast(u);
+        const want: f16 = @floatCast(f);
+        try std.testing.expectEqual(@as(u16, @bitCast(want)), toF16(f));
+        try std.testing.expectEqual(@as(u16, @bitCast(-want)), toF16(-f));
+    }
+    for ([_]f32{ 65519.99, 65520, 1e30, std.math.inf(f32) }) |f| {
+        try std.testing.expectEqual(@as(u16, 0x7bff), toF16(f));
+        try std.testing.expectEqual(@as(u16, 0xfbff), toF16(-f));
+    }
 }

@@ -92,7 +92,8 @@ def test_errors_are_one_line(module, tmp_path):
 
 def test_zig_unit_tests_under_wasmtime(tmp_path):
     """run.zig's `test` blocks built for wasm32-wasi with SIMD128, run here: the
-    vector exp, softmax, quantize and argmax as the WebAssembly build compiles them."""
+    vector exp, softmax, quantize, argmax and the fp16 cache's conversions as the
+    WebAssembly build compiles them."""
     make("wasm")  # installs the compiler
     exe = tmp_path / "test.wasm"
     p = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "ziglang", "test", "-target", "wasm32-wasi",
@@ -101,4 +102,4 @@ def test_zig_unit_tests_under_wasmtime(tmp_path):
     assert p.returncode == 0, p.stderr
     engine = wasmtime.Engine()
     code, out, err = run_wasi((engine, wasmtime.Module.from_file(engine, str(exe))), tmp_path, [])
-    assert code == 0 and b"All 4 tests passed" in err, err
+    assert code == 0 and b"All 5 tests passed" in err, err

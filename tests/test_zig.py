@@ -187,8 +187,9 @@ def test_help():
 
 
 def test_zig_unit_tests():
-    """run.zig's own `test` blocks (expVec against std.math.exp, softmax, quantize rounding, argmax)."""
+    """run.zig's own `test` blocks (expVec against std.math.exp, softmax, quantize rounding, argmax,
+    the fp16 cache's conversions)."""
     make("runzig")  # installs the compiler
     p = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "ziglang", "test", "-O", "ReleaseFast", "run.zig"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0 and "All 4 tests passed" in p.stderr, p.stderr
+    assert p.returncode == 0 and "All 5 tests passed" in p.stderr, p.stderr
