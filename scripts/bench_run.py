@@ -9,7 +9,9 @@ times 256-token generations (median of --runs, parsing "achieved tok/s"), measur
 a STREAM-style read bandwidth with a small C kernel at the same thread counts (at the
 start, and again right before each timed run: the median of those is the bound's), and
 prints bound = bandwidth / bytes of weights read per token, and tok/s as a fraction
-of that bound. Top-p overhead is measured as -p 0.9 vs -p 1 (off).
+of that bound. Top-p overhead is measured as -p 0.9 vs -p 1 (off). "paired" is tok/s
+as a fraction of the bound measured token by token (PAIRED_C: each forward pass, then
+a sweep of the same bytes), which a neighbour's load on a shared host cannot skew.
 
 On a shared machine end-to-end runs are noisy, so a per-token timer (TIMER_C, which
 includes run.c) also runs each position --runs times with the same tokens and keeps
@@ -183,19 +185,13 @@ def weight_bytes(cfg, version):
     return numel + 4 * (numel - w2) // gs + 4 * w2 // math.gcd(H, gs)
 
 
-STREAM_C = r"""
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/mman.h>
-#include <omp.h>
-/* Read-only bandwidth: each thread sums its share of a 1 GiB buffer as S
- * streams walked side by side (S = 1, 2, 4, 8), 16 partial sums each; best of
- * 5 sweeps per S, and the best S. One stream alone under-reads some CPUs (AMD
- * Zen 3: ~20% less than four), and the runtime's fp32 kernel walks four. The
- * streams sit a cache line off a power of two apart, so they share no sets.
- * The buffer is on huge pages where the kernel gives them, as run.c's copy of
- * the weights is: 4 KiB pages read 3-15% slower (AMD EPYC, 1 thread). */
-#define SWEEP(S) static double sweep##S(const float *a, size_t lo, size_t hi) { \
+SWEEP_C = r"""
+/* Read-only bandwidth kernels: a thread sums floats a[lo, hi) as S streams walked
+ * side by side (S = 1, 2, 4, 8), 16 partial sums each. One stream alone under-reads
+ * some CPUs (AMD Zen 3: ~20% less than four), and the runtime's fp32 kernel walks
+ * four. The streams sit a cache line off a power of two apart, so they share no
+ * sets. *nread gets the number of floats read (the last few lines are left out). */
+#define SWEEP(S) static double sweep##S(const float *a, size_t lo, size_t hi, size_t *nread) { \
     size_t q = (hi - lo) / S / 16 * 16 - 16; \
     float acc[S][16] = {{0}}; \
     for (size_t i = lo; i < lo + q; i += 16) \
@@ -203,33 +199,61 @@ STREAM_C = r"""
             for (int v = 0; v < 16; v++) acc[k][v] += a[i + k * q + v]; \
     double s = 0; \
     for (int k = 0; k < S; k++) for (int v = 0; v < 16; v++) s += acc[k][v]; \
+    *nread = S * q; \
     return s; }
 SWEEP(1) SWEEP(2) SWEEP(4) SWEEP(8)
-int main(void) {
-    size_t n = (1ull << 30) / sizeof(float);
+static double (*const sweeps[4])(const float *, size_t, size_t, size_t *) = {sweep1, sweep2, sweep4, sweep8};
+
+/* One parallel sweep over a[0, n) with variant v; returns seconds, adds the sum to *sum
+ * and the floats read to *nread. */
+static double sweep_all(const float *a, size_t n, int v, double *sum, size_t *nread) {
+    double t0 = omp_get_wtime(), s = 0;
+    size_t got = 0;
+    #pragma omp parallel reduction(+:s, got)
+    {
+        size_t nth = omp_get_num_threads(), tid = omp_get_thread_num(), r = 0;
+        s += sweeps[v](a, n / nth * tid, n / nth * (tid + 1), &r);
+        got += r;
+    }
+    double dt = omp_get_wtime() - t0;
+    *sum += s;
+    *nread += got;
+    return dt;
+}
+
+/* n floats, all 1.0, on huge pages where the kernel gives them, as run.c's copy of the
+ * weights is: 4 KiB pages read 3-15% slower (AMD EPYC, 1 thread). */
+static float *ones(size_t n) {
     float *a = mmap(NULL, n * sizeof(float), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (a == MAP_FAILED) return 1;
+    if (a == MAP_FAILED) return NULL;
 #ifdef MADV_HUGEPAGE
     madvise(a, n * sizeof(float), MADV_HUGEPAGE);
 #endif
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) a[i] = 1.0f;
-    double (*sweeps[])(const float *, size_t, size_t) = {sweep1, sweep2, sweep4, sweep8};
+    return a;
+}
+"""
+
+STREAM_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <omp.h>
+""" + SWEEP_C + r"""
+/* GB/s of the best of 5 sweeps over 1 GiB per variant, and the best variant. */
+int main(void) {
+    size_t n = (1ull << 30) / sizeof(float), nread = 0;
+    float *a = ones(n);
+    if (!a) return 1;
     double best = 1e30, total = 0;
-    for (int v = 0; v < 4; v++) {
+    for (int v = 0; v < 4; v++)
         for (int r = 0; r < 5; r++) {
-            double t0 = omp_get_wtime(), s = 0;
-            #pragma omp parallel reduction(+:s)
-            {
-                size_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-                s += sweeps[v](a, n / nth * tid, n / nth * (tid + 1));
-            }
-            double dt = omp_get_wtime() - t0;
-            total += s;
+            size_t before = nread;
+            double dt = sweep_all(a, n, v, &total, &nread);
+            dt *= (double)n / (nread - before);  /* per GiB */
             if (dt < best) best = dt;
         }
-    }
-    /* bytes read per sweep: the streams' total (the last few lines are left out) */
     printf("%f %f\n", n * sizeof(float) / best / 1e9, total);
     return 0;
 }
@@ -297,6 +321,69 @@ int main(int argc, char **argv) {
 """
 
 
+PAIRED_C = r"""
+#define RUN_LIBRARY
+#include RUNC
+""" + SWEEP_C + r"""
+/* argv: model steps bytes. The bound at the same moment as the run it divides: each
+ * greedy token's forward pass is followed by one sweep that reads `bytes` (the weights'
+ * bytes per token) with the same threads, variants taking turns. A neighbour's load on a
+ * shared host hits both alike, so their ratio stands still while each one drifts.
+ * Prints: mean forward seconds (from the 5th token), mean seconds of the fastest
+ * variant's sweep of `bytes`, and 1 if every sweep read the floats it claims (all ones). */
+int main(int argc, char **argv) {
+    if (argc < 4) return 2;
+    int steps = atoi(argv[2]);
+    size_t n = strtoull(argv[3], NULL, 10) / sizeof(float);
+    Transformer *t = open_model(argv[1]);
+    if (!t) { fprintf(stderr, "%s\n", err_msg); return 1; }
+    float *a = ones(n + 1024);
+    if (!a) return 1;
+    double fwd = 0, sw[4] = {0}, sum = 0;
+    size_t nread = 0, cnt[4] = {0}, timed = 0;
+    int token = BOS, ok = 1;
+    for (int pos = 0; pos < steps && pos < t->c.seq_len; pos++) {
+        double t0 = now_s();
+        const float *lg = forward(t, token, pos);
+        double t1 = now_s();
+        int v = pos % 4;
+        size_t before = nread;
+        double s0 = sum, dt = sweep_all(a, n + 1024, v, &sum, &nread);
+        ok &= sum - s0 == (double)(nread - before);
+        dt *= (double)n / (nread - before);  /* seconds to read exactly n floats */
+        int best = 0;
+        for (int i = 1; i < t->c.vocab_size; i++) if (lg[i] > lg[best]) best = i;
+        token = best == BOS ? 3 : best;  /* keep going: random models say BOS often */
+        if (pos < 4) continue;  /* warm-up */
+        fwd += t1 - t0; sw[v] += dt; cnt[v]++; timed++;
+    }
+    double best = 1e30;
+    for (int v = 0; v < 4; v++) if (cnt[v] && sw[v] / cnt[v] < best) best = sw[v] / cnt[v];
+    printf("%g %g %d\n", fwd / timed, best, ok);
+    close_model(t);
+    return 0;
+}
+"""
+
+
+def build_paired(run_c, exe):
+    """PAIRED_C around run_c, built like `make runomp`."""
+    src = Path(str(exe) + ".c")
+    src.write_text(PAIRED_C)
+    subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", f'-DRUNC="{Path(run_c).resolve()}"', str(src),
+                    "-o", str(exe), "-lm"], check=True)
+
+
+def paired(exe, model, threads, steps, nbytes):
+    """Token by token against the bound: (forward s, sweep s of nbytes, tok/s ÷ bound at the same moment)."""
+    out = subprocess.run([str(exe), str(model), str(steps), str(int(nbytes))], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True).stdout.split()
+    fwd, sweep, ok = float(out[0]), float(out[1]), out[2] == "1"
+    if not ok:
+        raise RuntimeError("paired sweep: the sum of the ones read differs from the count of floats read")
+    return fwd, sweep, sweep / fwd
+
+
 def build_timer(run_c, exe):
     """The per-token timer around run_c, built like `make runomp`."""
     src = Path(str(exe) + ".c")
@@ -349,6 +436,8 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     new_t = Path(tmp.name) / "timer_new"
     build_timer(ROOT / "run.c", new_t)
+    pair_t = Path(tmp.name) / "paired"
+    build_paired(ROOT / "run.c", pair_t)
     old_t = None
     if args.against:
         old_t = Path(tmp.name) / "timer_old"
@@ -358,7 +447,7 @@ def main():
     print("read bandwidth: " + ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s" for t in threads)
           + f"; L3 {L3_BYTES / 2**20:.1f} MiB; load average {os.getloadavg()[0]:.2f}")
     print(f"{'shape':6} {'prec':5} {'thr':>3} {'MB/tok':>7} {'tok/s':>8} {'bound':>8} {'frac':>6} "
-          f"{'min t/s':>8} {'frac':>6} {'topp0.9':>8} {'cost':>6} {'sampler us off/on':>18}"
+          f"{'min t/s':>8} {'frac':>6} {'paired':>6} {'topp0.9':>8} {'cost':>6} {'sampler us off/on':>18}"
           + ("  new/old" if old_t else ""))
     rows = []
     for shape in args.shapes.split(","):
@@ -390,8 +479,9 @@ def main():
                 bound = statistics.median(along) * 1e9 / wb
                 topp_cost = (s_on - s_off) * 1e-6 * mn  # share of a token's time (forward + sampling)
                 note = "  (weights fit in L3: bound is DRAM's, not L3's)" if wb < L3_BYTES else ""
+                same = None if wb < L3_BYTES else paired(pair_t, path, t, args.steps, wb)[2]
                 print(f"{shape:6} {prec:5} {t:3d} {wb / 1e6:7.1f} {off:8.0f} {bound:8.0f} {off / bound:6.2f} "
-                      f"{mn:8.0f} {mn / bound:6.2f} {on:8.0f} {100 * topp_cost:5.1f}% "
+                      f"{mn:8.0f} {mn / bound:6.2f} {same or 0:6.2f} {on:8.0f} {100 * topp_cost:5.1f}% "
                       f"{s_off:8.1f} / {s_on:7.1f}{ratio}{note}", flush=True)
                 rows.append((shape, prec, t, wb, off, bound, mn, on, topp_cost, wb < L3_BYTES))
     if args.markdown:

@@ -1,0 +1,43 @@
+"""The benchmark's read kernels (scripts/bench_run.py): the bound is only as good as
+the bytes they claim to read.
+
+PAIRED_C (run.c's forward pass, then a sweep over as many bytes, token by token) sums
+a buffer of ones, so the sum must equal the count of floats the kernels say they read;
+the script raises when it does not. STREAM_C shares those kernels.
+"""
+
+import shutil
+
+import pytest
+from bench_run import build_paired, paired, write_v1
+from crt_util import ROOT, TINY
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+
+
+@pytest.fixture(scope="module")
+def paired_exe(tmp_path_factory):
+    d = tmp_path_factory.mktemp("paired")
+    exe = d / "paired"
+    build_paired(ROOT / "run.c", exe)
+    model = d / "tiny.bin"
+    write_v1(model, TINY)
+    return exe, model
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("nbytes", [4 << 20, (3 << 20) + 4 * 37])  # one not a multiple of the streams' block
+def test_paired_sweeps_read_what_they_count(paired_exe, threads, nbytes):
+    exe, model = paired_exe
+    fwd, sweep, frac = paired(exe, model, threads, 24, nbytes)
+    assert fwd > 0 and sweep > 0
+    assert frac == pytest.approx(sweep / fwd)
+
+
+def test_paired_scales_with_the_bytes(paired_exe):
+    """A sweep of 8x the bytes takes clearly longer: the kernel reads the buffer, not a
+    fixed part of it (a loose check: the host is shared)."""
+    exe, model = paired_exe
+    small = min(paired(exe, model, 1, 24, 2 << 20)[1] for _ in range(3))
+    big = min(paired(exe, model, 1, 24, 16 << 20)[1] for _ in range(3))
+    assert big > 3 * small
