@@ -902,6 +902,50 @@ static inline void axpy_cached(float *o, float a, const void *v, int n, int kv_s
     for (int i = 0; i < n; i++) o[i] += a * from_f16(vb[i]);
 }
 
+/* o = sum over positions p < n of att[p] * (value at p), for one head whose
+ * values lie `row` bytes apart; prefetches the line-aligned `pf` rows as it goes
+ * (the next head's keys) unless pf is NULL. Element by element this is the same
+ * chain of fused multiply-adds as axpy_cached from o = 0, so the results are
+ * the same bits; on AVX2 the head's sums stay in registers across positions
+ * instead of a load and a store of o per position. */
+#if defined(HAVE_AVX2) && defined(__F16C__)
+static inline __attribute__((always_inline)) void
+attend_values_avx2(float *o, const float *att, const char *v, size_t row, int n, int kv_size, const char *pf,
+                   const int NV) {
+    __m256 acc[16];
+    for (int j = 0; j < NV; j++) acc[j] = _mm256_setzero_ps();
+    for (int p = 0; p < n; p++) {
+        if (pf) for (size_t i = 0; i < row; i += 64) __builtin_prefetch(pf + p * row + i);
+        const __m256 a = _mm256_set1_ps(att[p]);
+        const char *vp = v + p * row;
+        for (int j = 0; j < NV; j++) {
+            const __m256 x = kv_size == 4 ? _mm256_loadu_ps((const float *)vp + 8 * j)
+                                          : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)vp + j));
+            acc[j] = _mm256_fmadd_ps(a, x, acc[j]);
+        }
+    }
+    for (int j = 0; j < NV; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
+}
+#endif
+
+static void attend_values(float *o, const float *att, const char *v, size_t row, int n, int hs, int kv_size,
+                          const char *pf) {
+#if defined(HAVE_AVX2) && defined(__F16C__)
+    /* a constant vector count per head size keeps the sums in registers */
+    switch (hs) {
+    case 32: attend_values_avx2(o, att, v, row, n, kv_size, pf, 4); return;
+    case 48: attend_values_avx2(o, att, v, row, n, kv_size, pf, 6); return;
+    case 64: attend_values_avx2(o, att, v, row, n, kv_size, pf, 8); return;
+    case 128: attend_values_avx2(o, att, v, row, n, kv_size, pf, 16); return;
+    }
+#endif
+    memset(o, 0, hs * sizeof(float));
+    for (int p = 0; p < n; p++) {
+        if (pf) for (size_t i = 0; i < row; i += 64) __builtin_prefetch(pf + p * row + i);
+        axpy_cached(o, att[p], v + p * row, hs, kv_size);
+    }
+}
+
 static void rope(float *v, int a, int b, int hs, const float *cosr, const float *sinr) {
     for (int i = a; i < b; i += 2) {
         float c0 = cosr[(i % hs) / 2], s0 = sinr[(i % hs) / 2], x0 = v[i], x1 = v[i + 1];
@@ -971,12 +1015,7 @@ static void forward_team(Transformer *t, int pos) {
                 att[p] = dot_cached(qh, kh + p * row, hs, kvs) * scale;
             }
             softmax(att, pos + 1);
-            float *o = s->xb + (size_t)h * hs;
-            memset(o, 0, hs * sizeof(float));
-            for (int p = 0; p <= pos; p++) {
-                if (more) for (size_t i = 0; i < row; i += 64) __builtin_prefetch(kn + p * row + i);
-                axpy_cached(o, att[p], vh + p * row, hs, kvs);
-            }
+            attend_values(s->xb + (size_t)h * hs, att, vh, row, pos + 1, hs, kvs, more ? kn : NULL);
         }
 #pragma omp barrier
         /* output projection; my rows of the residual */

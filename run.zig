@@ -1080,13 +1080,43 @@ fn attendHeads(comptime T: type, st: Step, part: Part, key_cache: []T, value_cac
             a.* = dotCached(T, q, keys[p * hs ..][0..hs]) * scale;
         }
         softmax(att);
-        const o = s.xb[h * hs ..][0..hs];
-        @memset(o, 0);
-        for (att, 0..) |a, p| {
-            if (next_keys) |nk| prefetchRow(T, nk[p * hs ..][0..hs]);
-            axpyCached(T, o, a, values[p * hs ..][0..hs]);
+        attendValues(T, s.xb[h * hs ..][0..hs], att, values, next_keys);
+    }
+}
+
+/// o = the sum over positions p of att[p] * (the value at p); prefetches the
+/// next head's keys as it goes. Element by element the same chain of
+/// multiply-adds as axpyCached from o = 0 (the same bits); for the usual head
+/// sizes the sums stay in registers across positions instead of a load and a
+/// store of o per position (as run.c).
+fn attendValues(comptime T: type, o: []f32, att: []const f32, values: []const T, next_keys: ?[]const T) void {
+    const hs = o.len;
+    switch (hs) {
+        inline 32, 48, 64, 128 => |n| if (n % f32_lanes == 0 and n / f32_lanes <= 16)
+            return attendValuesN(T, n, o, att, values, next_keys),
+        else => {},
+    }
+    @memset(o, 0);
+    for (att, 0..) |a, p| {
+        if (next_keys) |nk| prefetchRow(T, nk[p * hs ..][0..hs]);
+        axpyCached(T, o, a, values[p * hs ..][0..hs]);
+    }
+}
+
+fn attendValuesN(comptime T: type, comptime n: usize, o: []f32, att: []const f32, values: []const T, next_keys: ?[]const T) void {
+    const nv = n / f32_lanes;
+    var acc: [nv]F32s = undefined;
+    inline for (0..nv) |j| acc[j] = @splat(0);
+    for (att, 0..) |a, p| {
+        if (next_keys) |nk| prefetchRow(T, nk[p * n ..][0..n]);
+        const av: F32s = @splat(a);
+        const row = values[p * n ..][0..n];
+        inline for (0..nv) |j| {
+            const x = if (T == f32) load(row, j * f32_lanes) else loadF16(row, j * f32_lanes);
+            acc[j] = mulAdd(av, x, acc[j]);
         }
     }
+    inline for (0..nv) |j| o[j * f32_lanes ..][0..f32_lanes].* = acc[j];
 }
 
 /// A prefetch per cache line of `row` (WebAssembly has none: a no-op there).

@@ -269,6 +269,32 @@ def test_random_fp32_rows_not_multiple_of_4(rt, tmp_path):
     assert one.stdout == f"{ids}\n"
 
 
+@pytest.mark.parametrize("dim,heads,kv_heads", [(256, 8, 4), (288, 6, 6), (256, 4, 4), (256, 2, 1), (160, 2, 2)])
+@pytest.mark.parametrize("version", [1, 2])
+def test_attention_head_sizes(rt, tmp_path, dim, heads, kv_heads, version):
+    """Attention's weighted sum of values keeps a head's sums in registers for head sizes 32,
+    48, 64 and 128 (AVX2 with F16C) and takes a loop for others (80 here): each against
+    model.py (fp32, 1e-4) or the numpy int8 computation (v2, fp16 cache)."""
+    import export
+    from model import ModelArgs
+
+    ref = random_transformer(ModelArgs(dim=dim, n_layers=2, n_heads=heads, n_kv_heads=kv_heads, vocab_size=512,
+                                       max_seq_len=96), seed=dim + heads)
+    random_classifier(ref, seed=heads)
+    path = tmp_path / "m.bin"
+    (export.write_v1 if version == 1 else export.write_v2)(ref, path)
+    m = rt.Model(path)
+    ids = m.generate(steps=90, temperature=0, stop_at_bos=False)
+    assert len(set(ids)) > 20
+    c = c_logits(m, ids[:90])
+    if version == 1:
+        assert ids == torch_greedy(ref, 90)
+        assert rel_err(c, torch_logits(ref, ids[:90])) < 1e-4
+    else:
+        deq = export.load_model_bin(str(path)).eval()
+        assert_int8_exact(c, q8_reference(deq, ids[:20], m.group_size), 5e-2)
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_logits_do_not_depend_on_the_row_shares(rt, tmp_path, version):
     """With 2 threads run.c splits matmul rows by each thread's measured speed (rebalance), so

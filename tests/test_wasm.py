@@ -65,7 +65,7 @@ def test_stories260k_greedy_ids_match_c(module, tmp_path):
     assert err.startswith(b"achieved tok/s: ")
 
 
-WASI_MODELS = ("v1_gqa", "v2_hidden_96_gs32", "v2_gs8", "v2_straddle_gs64")
+WASI_MODELS = ("v1_gqa", "v2_hidden_96_gs32", "v2_gs8", "v2_straddle_gs64", "v2_head_48", "v1_head_64")
 
 
 @pytest.mark.parametrize("name,version,gs,args", [m for m in RANDOM_MODELS if m[0] in WASI_MODELS], ids=WASI_MODELS)

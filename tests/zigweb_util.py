@@ -80,6 +80,13 @@ RANDOM_MODELS = [
                                       hidden_dim=96)),
     ("v2_gs8", 2, 8, dict(dim=40, n_layers=2, n_heads=5, n_kv_heads=5, vocab_size=300, max_seq_len=64,
                           hidden_dim=104)),
+    # head sizes 32, 48, 64 and 128: attention keeps a head's sums in registers for these
+    ("v2_head_32", 2, None, dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=96)),
+    ("v2_head_48", 2, None, dict(dim=96, n_layers=2, n_heads=2, n_kv_heads=2, vocab_size=512, max_seq_len=96)),
+    ("v1_head_64", 1, None, dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512, max_seq_len=96)),
+    # (with n_kv_heads=1 this model meets a near-tie at position 71, top two logits 10.2886 and
+    # 10.2879, and C and Zig, whose dot products sum in different orders, pick differently)
+    ("v2_head_128", 2, None, dict(dim=256, n_layers=2, n_heads=2, n_kv_heads=2, vocab_size=512, max_seq_len=96)),
     # w2's groups straddle its rows: in halves (hidden 96 with 64, like 42M's 1376), in quarters of 4
     ("v2_straddle_gs64", 2, 64, dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=511, max_seq_len=96,
                                      hidden_dim=96)),
