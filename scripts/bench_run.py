@@ -366,12 +366,17 @@ int main(int argc, char **argv) {
 """
 
 
-def build_paired(run_c, exe):
-    """PAIRED_C around run_c, built like `make runomp`."""
+def _build_around(source, run_c, exe):
+    """A C program that includes run_c (TIMER_C, PAIRED_C), built like `make runomp`."""
     src = Path(str(exe) + ".c")
-    src.write_text(PAIRED_C)
+    src.write_text(source)
     subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", f'-DRUNC="{Path(run_c).resolve()}"', str(src),
                     "-o", str(exe), "-lm"], check=True)
+
+
+def build_paired(run_c, exe):
+    """PAIRED_C around run_c."""
+    _build_around(PAIRED_C, run_c, exe)
 
 
 def paired(exe, model, threads, steps, nbytes):
@@ -385,11 +390,8 @@ def paired(exe, model, threads, steps, nbytes):
 
 
 def build_timer(run_c, exe):
-    """The per-token timer around run_c, built like `make runomp`."""
-    src = Path(str(exe) + ".c")
-    src.write_text(TIMER_C)
-    subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", f'-DRUNC="{Path(run_c).resolve()}"', str(src),
-                    "-o", str(exe), "-lm"], check=True)
+    """The per-token timer (TIMER_C) around run_c."""
+    _build_around(TIMER_C, run_c, exe)
 
 
 def timer(exe, model, threads, reps, steps, topp=0.9):
