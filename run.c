@@ -34,10 +34,8 @@ static int omp_get_max_threads(void) { return 1; }
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define HAVE_VNNI 1
-#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-#define HAVE_AVX2 1 /* AMD Zen, Intel before AVX-512: kernels of their own */
+#if defined(__AVX2__) && defined(__FMA__)
+#define HAVE_AVX2 1 /* the matmul kernels' shape: AVX2 and AVX-512 CPUs alike */
 #endif
 
 /* ------------------------------------------------------------------ utilities */
@@ -512,16 +510,28 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* int8 dot products with AVX2 for group sizes that are multiples of 32, R rows
- * sharing each load of x: rows r, r + rs, r + 2 rs, ... (R streams), each
- * prefetched `ahead` rows on. pmaddubsw multiplies unsigned by signed bytes,
- * so |x| is the unsigned side and x's sign moves onto w (sign_epi8); its pair
- * sums stay below 2 * 127 * 127 < 32767, so they never saturate. */
+/* d += the sums of four products of unsigned bytes a and signed bytes b per
+ * 32-bit lane: one vpdpbusd where the CPU has VNNI (AVX-VNNI, or AVX-512 VNNI
+ * on 256-bit vectors), else pmaddubsw + pmaddwd, whose pair sums stay below
+ * 2 * 127 * 127 < 32767 (a is |x| here), so never saturate: the same integers. */
+static inline __m256i dot_u8s8(__m256i d, __m256i a, __m256i b) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(d, a, b);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(d, a, b);
+#else
+    return _mm256_add_epi32(d, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* int8 dot products for group sizes that are multiples of 32, R rows sharing
+ * each load of x: rows r, r + rs, r + 2 rs, ... (R streams), each prefetched
+ * `ahead` rows on. The byte products take |x| as the unsigned side and move
+ * x's sign onto w (sign_epi8). */
 static inline __attribute__((always_inline)) void
 q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
             int n, int gs, int r, const int R, int rs, int ahead) {
     const int ng = n / gs;
-    const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *w[4];
     const float *sc[4];
     __m256 acc[4];
@@ -543,8 +553,7 @@ q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, con
             __m256i ax = _mm256_sign_epi8(xv, xv);
             for (int k = 0; k < R; k++) {
                 _mm_prefetch((const char *)(w[k] + (size_t)ahead * n + j), _MM_HINT_T0);
-                __m256i p = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(w[k] + j)), xv));
-                d[k] = _mm256_add_epi32(d[k], _mm256_madd_epi16(p, ones));
+                d[k] = dot_u8s8(d[k], ax, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(w[k] + j)), xv));
             }
         }
         for (int k = 0; k < R; k++)
@@ -554,46 +563,19 @@ q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, con
 }
 #endif
 
-/* fp32 rows [r0, r1) of out = W x, W is (rows × n). Four rows per pass share
- * each load of x (adjacent rows on AVX-512, four streams on AVX2); the loop is
- * memory-bound, so the shape is about streaming W. */
+/* fp32 rows [r0, r1) of out = W x, W is (rows × n). The loop is memory-bound,
+ * so its shape is about streaming W. */
 static void matmul_f32(float *out, const float *x, const float *w, int n, int r0, int r1) {
     int r = r0;
-#if defined(__AVX512F__)
-    const int nv = n & ~15;
-    const __mmask16 tail = (__mmask16)((1u << (n & 15)) - 1);
-    for (; r + 4 <= r1; r += 4) {
-        const float *w0 = w + (size_t)r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        /* prefetch the rows 8 ahead (within our share): ~10-40% more DRAM
-         * bandwidth per core than the hardware prefetcher alone */
-        const float *pf = w + (size_t)(r + 8 < r1 ? r + 8 : r) * n;
-        for (int j = 0; j < nv; j += 16) {
-            for (int k = 0; k < 4; k++) _mm_prefetch((const char *)(pf + (size_t)k * n + j), _MM_HINT_T0);
-            __m512 xv = _mm512_loadu_ps(x + j);
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + j), xv, a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + j), xv, a1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + j), xv, a2);
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + j), xv, a3);
-        }
-        if (tail) { /* masked loads do not touch memory past the row */
-            __m512 xv = _mm512_maskz_loadu_ps(tail, x + nv);
-            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + nv), xv, a0);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + nv), xv, a1);
-            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + nv), xv, a2);
-            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + nv), xv, a3);
-        }
-        out[r] = _mm512_reduce_add_ps(a0);
-        out[r + 1] = _mm512_reduce_add_ps(a1);
-        out[r + 2] = _mm512_reduce_add_ps(a2);
-        out[r + 3] = _mm512_reduce_add_ps(a3);
-    }
-#elif defined(HAVE_AVX2)
+#if defined(HAVE_AVX2)
     /* Four streams: this thread's rows in four parts, walked side by side, two
      * accumulators each. On an AMD EPYC (Zen 3) a core's DRAM bandwidth grows
      * with the independent streams in flight: measured 1.34-1.53x one row at a
      * time (15M-110M, 1 and 2 threads); eight streams were no faster, and
-     * software prefetch made one row at a time slower. */
+     * software prefetch made one row at a time slower. On Zen 4 (AVX-512),
+     * against four adjacent rows of 512-bit vectors prefetched 8 rows ahead:
+     * 1.06-1.10x at 1 thread, 1.04-1.07x at 2; on 512-bit vectors 1.00x. The
+     * same sums either way: lane by lane, then the two halves, then across. */
     const int q = (r1 - r0) / 4, nv = n & ~15;
     for (; r < r0 + q; r++) {
         const float *wr[4] = {w + (size_t)r * n, w + (size_t)(r + q) * n, w + (size_t)(r + 2 * q) * n,
@@ -623,108 +605,19 @@ static void matmul_f32(float *out, const float *x, const float *w, int n, int r0
     }
 }
 
-#ifdef HAVE_VNNI
-/* int8 dot products with AVX-512 VNNI. vpdpbusd multiplies unsigned by signed
- * bytes, so we feed |x| as the unsigned side and move x's sign onto w.
- * R rows at once share the x loads; R is a constant after inlining. */
-static inline __attribute__((always_inline)) void
-q_rows_gs64(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
-            int n, int gs, int r, const int R, const int8_t *pf) {
-    const int ng = n / gs, cpg = gs / 64;
-    const __m512i zero = _mm512_setzero_si512();
-    __m512 acc[4];
-    for (int k = 0; k < R; k++) acc[k] = _mm512_setzero_ps();
-    for (int g = 0; g < ng; g++) {
-        __m512i d[4];
-        for (int k = 0; k < R; k++) d[k] = zero;
-        for (int c = 0; c < cpg; c++) {
-            size_t j = (size_t)g * gs + (size_t)c * 64;
-            __m512i xv = _mm512_loadu_si512(xq + j);
-            __mmask64 neg = _mm512_movepi8_mask(xv);
-            __m512i ax = _mm512_abs_epi8(xv);
-            for (int k = 0; k < R; k++) {
-                _mm_prefetch((const char *)(pf + (size_t)k * n + j), _MM_HINT_T0);
-                __m512i wv = _mm512_loadu_si512(wq + (size_t)(r + k) * n + j);
-                wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
-                d[k] = _mm512_dpbusd_epi32(d[k], ax, wv);
-            }
-        }
-        for (int k = 0; k < R; k++)
-            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[k]),
-                                     _mm512_set1_ps(ws[(size_t)(r + k) * ng + g] * xs[g]), acc[k]);
-    }
-    for (int k = 0; k < R; k++) out[r + k] = _mm512_reduce_add_ps(acc[k]);
-}
-
-/* Group size 32: one 64-byte vector holds two groups; lanes 0-7 of the dot
- * product belong to the first, 8-15 to the second, so the scale vector is two
- * broadcast halves. A trailing half vector (n % 64 == 32) uses masked loads. */
-static inline __attribute__((always_inline)) void
-q_rows_gs32(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
-            int n, int r, const int R, const int8_t *pf) {
-    const int ng = n / 32, nc = n / 64;
-    const __m512i zero = _mm512_setzero_si512();
-    const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc[4];
-    for (int k = 0; k < R; k++) acc[k] = _mm512_setzero_ps();
-    for (int c = 0; c < nc; c++) {
-        size_t j = (size_t)c * 64;
-        __m512i xv = _mm512_loadu_si512(xq + j);
-        __mmask64 neg = _mm512_movepi8_mask(xv);
-        __m512i ax = _mm512_abs_epi8(xv);
-        __m128 xsp = _mm_castpd_ps(_mm_load_sd((const double *)(xs + 2 * c)));
-        for (int k = 0; k < R; k++) {
-            _mm_prefetch((const char *)(pf + (size_t)k * n + j), _MM_HINT_T0);
-            __m512i wv = _mm512_loadu_si512(wq + (size_t)(r + k) * n + j);
-            wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
-            __m512i d = _mm512_dpbusd_epi32(zero, ax, wv);
-            __m128 wsp = _mm_castpd_ps(_mm_load_sd((const double *)(ws + (size_t)(r + k) * ng + 2 * c)));
-            __m512 sv = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_mul_ps(wsp, xsp)));
-            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[k]);
-        }
-    }
-    if (n % 64) {
-        const __mmask64 lo = 0xffffffffull;
-        size_t j = (size_t)nc * 64;
-        __m512i xv = _mm512_maskz_loadu_epi8(lo, xq + j);
-        __mmask64 neg = _mm512_movepi8_mask(xv);
-        __m512i ax = _mm512_abs_epi8(xv);
-        for (int k = 0; k < R; k++) {
-            __m512i wv = _mm512_maskz_loadu_epi8(lo, wq + (size_t)(r + k) * n + j);
-            wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
-            __m512i d = _mm512_dpbusd_epi32(zero, ax, wv);
-            acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d),
-                                     _mm512_set1_ps(ws[(size_t)(r + k) * ng + 2 * nc] * xs[2 * nc]), acc[k]);
-        }
-    }
-    for (int k = 0; k < R; k++) out[r + k] = _mm512_reduce_add_ps(acc[k]);
-}
-#endif
-
 /* int8 rows [r0, r1) of out = W x, with x already quantized into (xq, xs). */
 static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Mat *m, int n, int r0, int r1) {
     const int gs = m->gs;
     int r = r0;
-#ifdef HAVE_VNNI
-    /* Software prefetch of the rows Q8_PF ahead (within our share): the
-     * hardware prefetcher alone left the L3-resident 15M classifier at ~16
-     * GB/s per core, with it ~19 GB/s. */
-#define Q8_PF 16
-#define PF_ROWS(r) (m->q + (size_t)((r) + Q8_PF < r1 ? (r) + Q8_PF : (r)) * n)
-    if (gs % 64 == 0) {
-        for (; r + 4 <= r1; r += 4) q_rows_gs64(out, xq, xs, m->q, m->s, n, gs, r, 4, PF_ROWS(r));
-        for (; r < r1; r++) q_rows_gs64(out, xq, xs, m->q, m->s, n, gs, r, 1, PF_ROWS(r));
-    } else if (gs == 32) {
-        for (; r + 4 <= r1; r += 4) q_rows_gs32(out, xq, xs, m->q, m->s, n, r, 4, PF_ROWS(r));
-        for (; r < r1; r++) q_rows_gs32(out, xq, xs, m->q, m->s, n, r, 1, PF_ROWS(r));
-    }
-#undef PF_ROWS
-#elif defined(HAVE_AVX2)
+#if defined(HAVE_AVX2)
     /* Four streams, each a quarter of our share, as fp32 does. Measured on an
      * AMD EPYC (Zen 3) against four adjacent rows per pass: 1.27x at 15M (in
      * L3) and 1.06x at 2 threads; against one row at a time (DRAM-resident
-     * 42M/110M) 1.06-1.11x. Each stream is prefetched 4 rows ahead; past our
-     * share or the matrix that is harmless (a prefetch never faults) and rare. */
+     * 42M/110M) 1.06-1.11x. On an AMD EPYC with AVX-512 (Zen 4), against four
+     * adjacent rows of AVX-512 VNNI prefetched 16 rows ahead: 1.16-1.19x at 1
+     * thread, 1.28-1.44x at 42M/110M at 2 threads; the same four streams on
+     * 512-bit vectors ran 0.98-0.99x. Each stream is prefetched 4 rows ahead;
+     * past our share or the matrix that is harmless (a prefetch never faults). */
     if (gs % 32 == 0) {
         const int q = (r1 - r0) / 4;
         for (; r < r0 + q; r++) q_rows_avx2(out, xq, xs, m->q, m->s, n, gs, r, 4, q, 4);

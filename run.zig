@@ -683,66 +683,49 @@ fn quantize(q: []i8, scales: []f32, x: []const f32, gs: usize) void {
     }
 }
 
-/// fp32 kernel shape, measured: under WebAssembly and on AVX2 CPUs such as
-/// AMD Zen 3, four streams (this share of rows in four parts, walked side by
-/// side: a core's DRAM bandwidth grows with the independent streams in flight;
-/// 1.34-1.53x one row at a time in run.c); on AVX-512 Intel, four adjacent
-/// rows with software prefetch, as in run.c.
-const four_streams = builtin.cpu.arch.isWasm() or (builtin.cpu.arch == .x86_64 and
-    !std.Target.x86.featureSetHas(builtin.cpu.features, .avx512f));
+/// fp32 kernel shape, measured: four streams (this share of rows in four
+/// parts, walked side by side: a core's DRAM bandwidth grows with the
+/// independent streams in flight). In run.c: 1.34-1.53x one row at a time on
+/// AMD Zen 3 (AVX2), 1.04-1.10x four adjacent rows with software prefetch on
+/// Zen 4 (AVX-512); under wasmtime too. On x86 the vectors are 8 lanes, two
+/// sums a row, as run.c's (512-bit vectors were no faster there).
+const stream_lanes = if (builtin.cpu.arch == .x86_64) 8 else f32_lanes;
+const Stream = @Vector(stream_lanes, f32);
 
 /// fp32 rows [lo, hi) of out = W x (W is rows × x.len).
 fn matmulF32(out: []f32, x: []const f32, w: []const f32, lo: usize, hi: usize) void {
     const n = x.len;
-    if (four_streams) {
-        const q = (hi - lo) / 4;
-        for (lo..lo + q) |r| {
-            const rows = [4][]const f32{ w[r * n ..][0..n], w[(r + q) * n ..][0..n], w[(r + 2 * q) * n ..][0..n], w[(r + 3 * q) * n ..][0..n] };
-            var acc: [4][2]F32s = @splat(@splat(@splat(0)));
-            var j: usize = 0;
-            while (j + 2 * f32_lanes <= n) : (j += 2 * f32_lanes) {
-                const x0 = load(x, j);
-                const x1 = load(x, j + f32_lanes);
-                inline for (&acc, rows) |*a, row| {
-                    if (builtin.cpu.arch.isWasm()) {
-                        // One sum per row: wasmtime's code loads the whole loop body
-                        // first, and with eight sums kept three on the stack (+2-3%).
-                        a[0] += load(row, j) * x0 + load(row, j + f32_lanes) * x1;
-                    } else {
-                        a[0] = mulAdd(load(row, j), x0, a[0]);
-                        a[1] = mulAdd(load(row, j + f32_lanes), x1, a[1]);
-                    }
+    const q = (hi - lo) / 4;
+    for (lo..lo + q) |r| {
+        const rows = [4][]const f32{ w[r * n ..][0..n], w[(r + q) * n ..][0..n], w[(r + 2 * q) * n ..][0..n], w[(r + 3 * q) * n ..][0..n] };
+        var acc: [4][2]Stream = @splat(@splat(@splat(0)));
+        var j: usize = 0;
+        while (j + 2 * stream_lanes <= n) : (j += 2 * stream_lanes) {
+            const x0: Stream = x[j..][0..stream_lanes].*;
+            const x1: Stream = x[j + stream_lanes ..][0..stream_lanes].*;
+            inline for (&acc, rows) |*a, row| {
+                const w0: Stream = row[j..][0..stream_lanes].*;
+                const w1: Stream = row[j + stream_lanes ..][0..stream_lanes].*;
+                if (builtin.cpu.arch.isWasm()) {
+                    // One sum per row: wasmtime's code loads the whole loop body
+                    // first, and with eight sums kept three on the stack (+2-3%).
+                    a[0] += w0 * x0 + w1 * x1;
+                } else if (has_fma) {
+                    a[0] = @mulAdd(Stream, w0, x0, a[0]);
+                    a[1] = @mulAdd(Stream, w1, x1, a[1]);
+                } else {
+                    a[0] += w0 * x0;
+                    a[1] += w1 * x1;
                 }
             }
-            inline for (acc, rows, 0..) |a, row, k| {
-                var sum = @reduce(.Add, a[0] + a[1]);
-                for (row[j..], x[j..]) |wv, xv| sum += wv * xv;
-                out[r + k * q] = sum;
-            }
-        }
-        for (lo + 4 * q..hi) |r| out[r] = dot(w[r * n ..][0..n], x);
-        return;
-    }
-    const nv = n - n % f32_lanes;
-    var r = lo;
-    while (r + 4 <= hi) : (r += 4) {
-        const rows = [4][]const f32{ w[r * n ..][0..n], w[(r + 1) * n ..][0..n], w[(r + 2) * n ..][0..n], w[(r + 3) * n ..][0..n] };
-        // prefetch the rows 8 ahead (within our share), as run.c: more DRAM bandwidth per core
-        const ahead = w[(if (r + 12 <= hi) r + 8 else r) * n ..][0 .. 4 * n];
-        var acc: [4]F32s = @splat(@splat(0));
-        var j: usize = 0;
-        while (j < nv) : (j += f32_lanes) {
-            if (j % 16 == 0) inline for (0..4) |k| @prefetch(ahead[k * n + j ..].ptr, .{});
-            const xv = load(x, j);
-            inline for (&acc, rows) |*a, row| a.* = mulAdd(load(row, j), xv, a.*);
         }
         inline for (acc, rows, 0..) |a, row, k| {
-            var sum = @reduce(.Add, a);
-            for (row[nv..], x[nv..]) |wv, xv| sum += wv * xv;
-            out[r + k] = sum;
+            var sum = @reduce(.Add, a[0] + a[1]);
+            for (row[j..], x[j..]) |wv, xv| sum += wv * xv;
+            out[r + k * q] = sum;
         }
     }
-    while (r < hi) : (r += 1) out[r] = dot(w[r * n ..][0..n], x);
+    for (lo + 4 * q..hi) |r| out[r] = dot(w[r * n ..][0..n], x);
 }
 
 const i8_lanes = 16;
@@ -771,49 +754,17 @@ inline fn pairSums(p: I16s) I32s {
     return even + odd;
 }
 
-const has_vnni = builtin.cpu.arch == .x86_64 and
-    std.Target.x86.featureSetHas(builtin.cpu.features, .avx512vnni) and
-    std.Target.x86.featureSetHas(builtin.cpu.features, .avx512vl);
 const I8x32 = @Vector(32, i8);
 const I32x8 = @Vector(8, i32);
 const F32x8 = @Vector(8, f32);
-/// AVX-512 VNNI's vpdpbusd (256-bit form): each i32 lane of acc gains the sum
-/// of four products of an unsigned byte of a and a signed byte of b.
+/// vpdpbusd on 256-bit vectors (AVX-VNNI, or AVX-512 VNNI with VL): each i32
+/// lane of acc gains the sum of four products of an unsigned byte of a and a
+/// signed byte of b. LLVM picks the encoding the CPU has.
+const has_vnni = builtin.cpu.arch == .x86_64 and
+    (std.Target.x86.featureSetHas(builtin.cpu.features, .avxvnni) or
+    (std.Target.x86.featureSetHas(builtin.cpu.features, .avx512vnni) and
+    std.Target.x86.featureSetHas(builtin.cpu.features, .avx512vl)));
 extern fn @"llvm.x86.avx512.vpdpbusd.256"(acc: I32x8, a: I32x8, b: I32x8) I32x8;
-
-/// The int8 kernel where the CPU has VNNI: fours of rows (returns the first
-/// row not done). |x| is the unsigned side and x's sign moves onto w; rows are
-/// prefetched 16 ahead, as run.c does.
-fn matmulQ8Vnni(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) usize {
-    const n = xq.len;
-    const ng = n / gs;
-    const zero: I8x32 = @splat(0);
-    var r = lo;
-    while (r + 4 <= hi) : (r += 4) {
-        const ahead = wq[(if (r + 20 <= hi) r + 16 else r) * n ..][0 .. 4 * n];
-        var acc: [4]F32x8 = @splat(@splat(0));
-        for (0..ng) |g| {
-            var dots: [4]I32x8 = @splat(@splat(0));
-            var j = g * gs;
-            while (j < (g + 1) * gs) : (j += 32) {
-                if (j % 64 == 0) inline for (0..4) |k| @prefetch(ahead[k * n + j ..].ptr, .{});
-                const xv: I8x32 = xq[j..][0..32].*;
-                const ax: I32x8 = @bitCast(@abs(xv));
-                const neg = xv < zero;
-                inline for (&dots, 0..) |*d, k| {
-                    const wv: I8x32 = wq[(r + k) * n + j ..][0..32].*;
-                    d.* = @"llvm.x86.avx512.vpdpbusd.256"(d.*, ax, @bitCast(@select(i8, neg, zero -% wv, wv)));
-                }
-            }
-            inline for (&acc, dots, 0..) |*a, d, k| {
-                const s: F32x8 = @splat(ws[(r + k) * ng + g] * xs[g]);
-                a.* = @mulAdd(F32x8, @floatFromInt(d), s, a.*);
-            }
-        }
-        inline for (acc, 0..) |a, k| out[r + k] = @reduce(.Add, a);
-    }
-    return r;
-}
 
 const has_simd128 = builtin.cpu.arch.isWasm() and
     std.Target.wasm.featureSetHas(builtin.cpu.features, .simd128);
@@ -859,7 +810,7 @@ fn matmulQ8Simd128(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, 
     return lo + 4 * q;
 }
 
-const has_avx2 = builtin.cpu.arch == .x86_64 and !has_vnni and
+const has_avx2 = builtin.cpu.arch == .x86_64 and
     std.Target.x86.featureSetHas(builtin.cpu.features, .avx2);
 /// AVX2's pmaddubsw (unsigned × signed bytes, adjacent pairs summed to i16),
 /// pmaddwd (i16 × i16, pairs summed to i32) and psignb (a negated where b < 0,
@@ -868,11 +819,13 @@ extern fn @"llvm.x86.avx2.pmadd.ub.sw"(a: I8x32, b: I8x32) @Vector(16, i16);
 extern fn @"llvm.x86.avx2.pmadd.wd"(a: @Vector(16, i16), b: @Vector(16, i16)) I32x8;
 extern fn @"llvm.x86.avx2.psign.b"(a: I8x32, b: I8x32) I8x32;
 
-/// The int8 kernel for AVX2 CPUs, as run.c's: four rows per pass share each
-/// load of x, rows r, r + stride, r + 2 stride, r + 3 stride (four streams),
-/// each prefetched `ahead` rows on. |x| is the unsigned side and x's sign
-/// moves onto w; the i16 pair sums stay below 2 * 127 * 127, so never
-/// saturate. `rows` is 4, or 1 for the last rows.
+/// The int8 kernel for x86 CPUs with AVX2 (AVX-512 ones too: in run.c on
+/// Zen 4, 1.16-1.44x four adjacent rows of 512-bit VNNI), as run.c's: four
+/// rows per pass share each load of x, rows r, r + stride, r + 2 stride,
+/// r + 3 stride (four streams), each prefetched `ahead` rows on. |x| is the
+/// unsigned side and x's sign moves onto w; without VNNI, the i16 pair sums
+/// stay below 2 * 127 * 127, so never saturate. `rows` is 4, or 1 for the
+/// last rows.
 fn q8RowsAvx2(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, r: usize, comptime rows: usize, stride: usize, ahead: usize) void {
     const n = xq.len;
     const ng = n / gs;
@@ -897,8 +850,12 @@ fn q8RowsAvx2(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: [
                 // a prefetch never faults: past the matrix's end it is only wasted
                 @prefetch(wq.ptr + row + ahead * n + j, .{});
                 const wv: I8x32 = wq[row + j ..][0..32].*;
-                const pairs = @"llvm.x86.avx2.pmadd.ub.sw"(ax, @"llvm.x86.avx2.psign.b"(wv, xv));
-                d.* += @"llvm.x86.avx2.pmadd.wd"(pairs, ones);
+                const signed = @"llvm.x86.avx2.psign.b"(wv, xv);
+                if (has_vnni) {
+                    d.* = @"llvm.x86.avx512.vpdpbusd.256"(d.*, @bitCast(ax), @bitCast(signed));
+                } else {
+                    d.* += @"llvm.x86.avx2.pmadd.wd"(@"llvm.x86.avx2.pmadd.ub.sw"(ax, signed), ones);
+                }
             }
         }
         inline for (&acc, dots, 0..) |*a, d, k| {
@@ -915,9 +872,7 @@ fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []c
     const n = xq.len;
     const ng = n / gs;
     var r = lo;
-    if (has_vnni and gs % 32 == 0) {
-        r = matmulQ8Vnni(out, xq, xs, wq, ws, gs, lo, hi);
-    } else if (has_avx2 and gs % 32 == 0) { // four streams, each a quarter of our share
+    if (has_avx2 and gs % 32 == 0) { // four streams, each a quarter of our share
         const q = (hi - lo) / 4;
         while (r < lo + q) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 4, q, 4);
         r = lo + 4 * q;
