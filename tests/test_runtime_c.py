@@ -323,7 +323,8 @@ def test_logits_do_not_depend_on_the_row_shares(rt, tmp_path, version):
                                             (128, 352, 64), (64, 172, 64), (128, 320, 128)])
 @pytest.mark.parametrize("vocab", [512, 509])
 def test_random_int8_group_sizes(rt, tmp_path, dim, hidden, gs, vocab):
-    """Each kernel: gs % 64 == 0 (VNNI), gs 32 with a half-vector tail (VNNI), others (portable);
+    """Each kernel: gs % 32 == 0 (four streams on AVX2, one or more 32-byte steps per group),
+    others (portable);
     groups that straddle w2's rows (hidden % gs != 0): in halves of 32 (the 42M shape, 1376 with
     64), quarters of 4 (172 with 64, as llama2.c exports stories260K), and 64 of 128. A vocabulary
     of 509 rows leaves the four-stream kernels (AVX2) a last row to do alone."""
@@ -347,6 +348,40 @@ def test_random_int8_group_sizes(rt, tmp_path, dim, hidden, gs, vocab):
     ref_logits = torch_logits(deq, ids[:100])
     assert rel_err(c, ref_logits) < 5e-2
     assert np.mean(ref_logits.argmax(-1) == np.array(ids[1:101])) >= 0.95
+
+
+def _native_macros():
+    return subprocess.run(["gcc", "-march=native", "-dM", "-E", "-x", "c", "/dev/null"], capture_output=True,
+                          text=True, check=True).stdout
+
+
+def test_int8_vnni_gives_the_same_bits_as_pmaddubsw(rt, tmp_path):
+    """Where the CPU has VNNI, the int8 kernel's byte products are one vpdpbusd instead of
+    pmaddubsw + pmaddwd; its comment claims the same integers, hence the same logits. A second
+    library built without VNNI must give the same bits over 48 positions of a v2 model with
+    group sizes 64 (w2 at 32: its groups straddle rows) and a vocabulary of 509 rows."""
+    macros = _native_macros()
+    if "__AVXVNNI__" not in macros and not ("__AVX512VNNI__" in macros and "__AVX512VL__" in macros):
+        pytest.skip("this CPU has no VNNI: both builds would be the same code")
+    lib = tmp_path / "librun_novnni.so"
+    obj = tmp_path / "librun_novnni.o"
+    subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", "-mno-avxvnni", "-mno-avx512vnni", "-fPIC",
+                    "-DRUN_LIBRARY", "-c", str(ROOT / "run.c"), "-o", str(obj)], check=True)
+    subprocess.run(["gcc", "-shared", "-fopenmp", str(obj), "-o", str(lib), "-lm"], check=True)
+    cfg = (128, 352, 2, 4, 2, 509, 64)  # dim, hidden, layers, heads, kv heads, vocab, seq_len
+    path = tmp_path / "m.bin"
+    write_v2(path, cfg, seed=5, gs=64)
+    code = (f"import sys, numpy as np; sys.path.insert(0, {str(ROOT)!r}); from runtime import Model; "
+            f"m = Model({str(path)!r}); "
+            f"np.save(sys.argv[1], np.stack([m.forward((5 * p + 2) % 509, p) for p in range(48)]))")
+    logits = []
+    for name, library in (("vnni", ROOT / "librun.so"), ("novnni", lib)):
+        out = tmp_path / f"{name}.npy"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True,
+                       env={**os.environ, "LLAMA2_RUNTIME_LIB": str(library), "OMP_NUM_THREADS": "1"})
+        logits.append(np.load(out))
+    assert np.isfinite(logits[0]).all() and logits[0].std() > 0
+    assert np.array_equal(logits[0], logits[1])
 
 
 # ------------------------------------------------------------------ numpy-written files (no export.py)
