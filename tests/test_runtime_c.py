@@ -295,6 +295,16 @@ def test_attention_head_sizes(rt, tmp_path, dim, heads, kv_heads, version):
         assert_int8_exact(c, q8_reference(deq, ids[:20], m.group_size), 5e-2)
 
 
+def logits_in_a_process(path, positions, out, **env):
+    """C logits of a model file at positions 0..positions-1 (token (7p + 3) mod vocab), computed in a
+    new Python process with `env` added (OMP_NUM_THREADS, LLAMA2_RUNTIME_LIB are read at load)."""
+    code = (f"import sys, numpy as np; sys.path.insert(0, {str(ROOT)!r}); from runtime import Model; "
+            f"m = Model({str(path)!r}); v = m.vocab_size; "
+            f"np.save(sys.argv[1], np.stack([m.forward((7 * p + 3) % v, p) for p in range({positions})]))")
+    subprocess.run([sys.executable, "-c", code, str(out)], env={**os.environ, **env}, check=True)
+    return np.load(out)
+
+
 @pytest.mark.parametrize("version", [1, 2])
 def test_logits_do_not_depend_on_the_row_shares(rt, tmp_path, version):
     """With 2 threads run.c splits matmul rows by each thread's measured speed (rebalance), so
@@ -306,15 +316,7 @@ def test_logits_do_not_depend_on_the_row_shares(rt, tmp_path, version):
     cfg = (256, 680, 2, 8, 4, 4093, 64)  # dim, hidden, layers, heads, kv heads, vocab, seq_len
     path = tmp_path / "m.bin"
     (write_v1 if version == 1 else write_v2)(path, cfg, seed=3)
-    code = (f"import sys, numpy as np; sys.path.insert(0, {str(ROOT)!r}); from runtime import Model; "
-            f"m = Model({str(path)!r}); "
-            f"np.save(sys.argv[1], np.stack([m.forward((7 * p + 3) % 4093, p) for p in range(64)]))")
-    logits = []
-    for threads in ("1", "2"):
-        out = tmp_path / f"logits{threads}.npy"
-        subprocess.run([sys.executable, "-c", code, str(out)], env={**os.environ, "OMP_NUM_THREADS": threads},
-                       check=True)
-        logits.append(np.load(out))
+    logits = [logits_in_a_process(path, 64, tmp_path / f"logits{t}.npy", OMP_NUM_THREADS=t) for t in ("1", "2")]
     assert np.isfinite(logits[0]).all() and logits[0].std() > 0
     assert np.array_equal(logits[0], logits[1])
 
@@ -371,15 +373,9 @@ def test_int8_vnni_gives_the_same_bits_as_pmaddubsw(rt, tmp_path):
     cfg = (128, 352, 2, 4, 2, 509, 64)  # dim, hidden, layers, heads, kv heads, vocab, seq_len
     path = tmp_path / "m.bin"
     write_v2(path, cfg, seed=5, gs=64)
-    code = (f"import sys, numpy as np; sys.path.insert(0, {str(ROOT)!r}); from runtime import Model; "
-            f"m = Model({str(path)!r}); "
-            f"np.save(sys.argv[1], np.stack([m.forward((5 * p + 2) % 509, p) for p in range(48)]))")
-    logits = []
-    for name, library in (("vnni", ROOT / "librun.so"), ("novnni", lib)):
-        out = tmp_path / f"{name}.npy"
-        subprocess.run([sys.executable, "-c", code, str(out)], check=True,
-                       env={**os.environ, "LLAMA2_RUNTIME_LIB": str(library), "OMP_NUM_THREADS": "1"})
-        logits.append(np.load(out))
+    logits = [logits_in_a_process(path, 48, tmp_path / f"{name}.npy", LLAMA2_RUNTIME_LIB=str(library),
+                                  OMP_NUM_THREADS="1")
+              for name, library in (("vnni", ROOT / "librun.so"), ("novnni", lib))]
     assert np.isfinite(logits[0]).all() and logits[0].std() > 0
     assert np.array_equal(logits[0], logits[1])
 
