@@ -380,6 +380,45 @@ def test_int8_vnni_gives_the_same_bits_as_pmaddubsw(rt, tmp_path):
     assert np.array_equal(logits[0], logits[1])
 
 
+MATMUL_F32_C = r"""
+#define RUN_LIBRARY
+#include RUNC
+/* matmul_f32 on pseudo-random rows (an LCG), for several (n, rows); the outputs to stdout */
+int main(void) {
+    static const int shapes[][2] = {{768, 64}, {776, 64}, {2048, 36}, {1376, 40}};
+    uint32_t seed = 12345;
+    for (int s = 0; s < 4; s++) {
+        const int n = shapes[s][0], rows = shapes[s][1];
+        float *w = malloc(sizeof(float) * n * rows), *x = malloc(sizeof(float) * n), *out = malloc(sizeof(float) * rows);
+        for (int i = 0; i < n * rows; i++) { seed = seed * 1664525u + 1013904223u; w[i] = (int32_t)seed / 2147483648.0f; }
+        for (int i = 0; i < n; i++) { seed = seed * 1664525u + 1013904223u; x[i] = (int32_t)seed / 2147483648.0f; }
+        matmul_f32(out, x, w, n, 0, rows);
+        fwrite(out, sizeof(float), rows, stdout);
+    }
+    return 0;
+}
+"""
+
+
+def test_fp32_avx512_kernel_gives_the_same_bits_as_avx2(tmp_path):
+    """With AVX-512 the fp32 kernel keeps one 16-lane sum per stream instead of two 8-lane
+    ones; its comment claims the same sums. The kernel alone (the rest of the forward pass
+    compiles differently without AVX-512: vector expf, norms, the rows left over after the
+    four streams), built with and without -mno-avx512f, must give the same bits: rows of 768,
+    776 (a tail of 8), 2048 and 1376 floats, in four streams of 16, 9 and 10 rows."""
+    if "__AVX512F__" not in _native_macros():
+        pytest.skip("this CPU has no AVX-512: both builds would be the same code")
+    src = tmp_path / "matmul.c"
+    src.write_text(MATMUL_F32_C.replace("RUNC", f'"{ROOT / "run.c"}"'))
+    outs = []
+    for name, flags in (("avx512", []), ("avx2", ["-mno-avx512f"])):
+        exe = tmp_path / name
+        subprocess.run(["gcc", "-Ofast", "-march=native", *flags, str(src), "-o", str(exe), "-lm"], check=True)
+        outs.append(np.frombuffer(subprocess.run([str(exe)], capture_output=True, check=True).stdout, np.float32))
+    assert outs[0].size == 64 + 64 + 36 + 40 and np.isfinite(outs[0]).all() and outs[0].std() > 0
+    assert np.array_equal(outs[0], outs[1])
+
+
 # ------------------------------------------------------------------ numpy-written files (no export.py)
 
 
