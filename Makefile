@@ -46,11 +46,13 @@ runomp: run.c
 	$(CC) -Ofast -fopenmp -march=native $(RUN_WARN) -o run run.c -lm
 rundebug: run.c
 	$(CC) -g -O0 $(RUN_WARN) -o run run.c -lm
-# ASan + UBSan, any error aborts; used by tests/test_run_bad_input.py
+# ASan + UBSan, any error aborts; used by tests/test_run_bad_input.py. With
+# -march=native and OpenMP, so the sanitizers watch the kernels and thread
+# splits that runomp runs, not only the portable loops.
 runsan: run_san
 run_san: run.c
-	$(CC) -g -O1 -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer \
-		$(RUN_WARN) -o run_san run.c -lm
+	$(CC) -g -O1 -march=native -fopenmp -fsanitize=address,undefined -fno-sanitize-recover=all \
+		-fno-omit-frame-pointer $(RUN_WARN) -o run_san run.c -lm
 # librun.so for runtime.py. Linked in a separate step without -Ofast so gcc does
 # not add crtfastmath.o, which would turn on flush-to-zero in the whole Python process.
 lib: librun.so
