@@ -496,8 +496,13 @@ const has_fma = switch (builtin.cpu.arch) {
     else => false, // wasm: no fused multiply-add in SIMD128, @mulAdd would be a libcall
 };
 
+/// a * b + acc, fused where the CPU has FMA; for any vector type V.
+inline fn mulAddV(comptime V: type, a: V, b: V, acc: V) V {
+    return if (has_fma) @mulAdd(V, a, b, acc) else a * b + acc;
+}
+
 inline fn mulAdd(a: F32s, b: F32s, acc: F32s) F32s {
-    return if (has_fma) @mulAdd(F32s, a, b, acc) else a * b + acc;
+    return mulAddV(F32s, a, b, acc);
 }
 
 inline fn load(s: []const f32, i: usize) F32s {
@@ -713,12 +718,9 @@ fn matmulF32(out: []f32, x: []const f32, w: []const f32, lo: usize, hi: usize) v
                     // One sum per row: wasmtime's code loads the whole loop body
                     // first, and with eight sums kept three on the stack (+2-3%).
                     a[0] += w0 * x0 + w1 * x1;
-                } else if (has_fma) {
-                    a[0] = @mulAdd(Stream, w0, x0, a[0]);
-                    a[1] = @mulAdd(Stream, w1, x1, a[1]);
                 } else {
-                    a[0] += w0 * x0;
-                    a[1] += w1 * x1;
+                    a[0] = mulAddV(Stream, w0, x0, a[0]);
+                    a[1] = mulAddV(Stream, w1, x1, a[1]);
                 }
             }
         }
