@@ -20,6 +20,11 @@ each position's fastest forward and sampler times (preemption only ever adds tim
 directly. --against OLD_RUN_C builds that file's timer too and alternates the two,
 run by run, printing new/old ratios (e.g. `git show HEAD~1:run.c > /tmp/old.c`).
 
+--series MINUTES repeats only the token-by-token measurement (128 greedy tokens a time,
+shapes and precisions taking turns) for that long and sums it up by the sweep's bandwidth
+in bands of 10 GB/s: on a shared host the fraction depends on how much bandwidth is left
+to us (e.g. `--series 8 --shapes 42M,110M --precisions fp32 --threads 2`).
+
 The numpy writers here (write_v1 / write_v2 / write_tokenizer) are also used by the
 C runtime's tests, so they have no dependency on export.py.
 """
@@ -35,6 +40,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -418,6 +424,31 @@ def tok_per_s(model, tok, threads, runs, steps, topp, exe=None, before=None):
     return statistics.median(vals)
 
 
+def bands(samples, width=10):
+    """samples: (sweep GB/s, fraction) pairs -> [(low GB/s, count, median, min, max)] per band."""
+    by = {}
+    for gbs, frac in samples:
+        by.setdefault(int(gbs // width) * width, []).append(frac)
+    return [(lo, len(v), statistics.median(v), min(v), max(v)) for lo, v in sorted(by.items())]
+
+
+def series(exe, runs, threads, minutes, steps=128):
+    """runs: (label, model, bytes) each; paired measurements in turns, one line each, in rounds
+    until `minutes` have passed (one round at least)."""
+    samples = {label: [] for label, _, _ in runs}
+    end = time.time() + 60 * minutes
+    while not samples[runs[0][0]] or time.time() < end:
+        for label, model, nbytes in runs:
+            fwd, sweep, frac = paired(exe, model, threads, steps, nbytes)
+            samples[label].append((nbytes / sweep / 1e9, frac))
+            print(f"{time.strftime('%H:%M:%S')} {label:12} sweep {nbytes / sweep / 1e9:6.1f} GB/s  "
+                  f"forward {nbytes / fwd / 1e9:6.1f} GB/s  fraction {frac:.3f}", flush=True)
+    print(f"\nfraction of the bound token by token, by the sweep's bandwidth ({threads} thread{'s' * (threads > 1)}):")
+    for label, got in samples.items():
+        for lo, n, med, lo_f, hi_f in bands(got):
+            print(f"{label:12} {lo:3d}-{lo + 10:<3d} GB/s  n {n:4d}  median {med:.3f}  range {lo_f:.3f}-{hi_f:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="15M,42M,110M")
@@ -429,6 +460,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="15M and 42M, 2 threads, 3 runs of 128 steps")
     ap.add_argument("--markdown", action="store_true", help="also print a markdown table (for the README)")
     ap.add_argument("--against", metavar="OLD_RUN_C", help="time this older run.c side by side (alternating)")
+    ap.add_argument("--series", type=float, metavar="MINUTES",
+                    help="only the token-by-token fraction, repeated for MINUTES, by bandwidth")
     args = ap.parse_args()
     if args.quick:
         args.shapes, args.threads, args.runs, args.steps = "15M,42M", "2", 3, 128
@@ -445,6 +478,21 @@ def main():
         old_t = Path(tmp.name) / "timer_old"
         build_timer(args.against, old_t)
     threads = [int(t) for t in args.threads.split(",")]
+    if args.series:
+        runs = []
+        for shape in args.shapes.split(","):
+            for version, prec in ((1, "fp32"), (2, "int8")):
+                if prec in args.precisions.split(","):
+                    path = model_path(shape, version)
+                    if not path.exists():
+                        (write_v1 if version == 1 else write_v2)(path, SHAPES[shape])
+                    wb = weight_bytes(SHAPES[shape], version)
+                    if wb < L3_BYTES:  # the sweep would empty L3 between tokens: not this bound
+                        print(f"{shape} {prec}: the weights fit in L3, left out", file=sys.stderr)
+                    else:
+                        runs.append((f"{shape} {prec}", path, wb))
+        series(pair_t, runs, threads[-1], args.series)
+        return
     bw = {t: stream_bandwidth(t) for t in threads}
     print("read bandwidth: " + ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s" for t in threads)
           + f"; L3 {L3_BYTES / 2**20:.1f} MiB; load average {os.getloadavg()[0]:.2f}")

@@ -9,7 +9,7 @@ the script raises when it does not. STREAM_C shares those kernels.
 import shutil
 
 import pytest
-from bench_run import build_paired, paired, write_v1
+from bench_run import bands, build_paired, paired, series, write_v1
 from crt_util import ROOT, TINY
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
@@ -41,3 +41,19 @@ def test_paired_scales_with_the_bytes(paired_exe):
     small = min(paired(exe, model, 1, 24, 2 << 20)[1] for _ in range(3))
     big = min(paired(exe, model, 1, 24, 16 << 20)[1] for _ in range(3))
     assert big > 3 * small
+
+
+def test_bands_group_by_bandwidth():
+    samples = [(41.0, 0.95), (49.9, 0.97), (45.0, 0.90), (72.5, 0.88), (10.0, 0.5)]
+    assert bands(samples) == [(10, 1, 0.5, 0.5, 0.5), (40, 3, 0.95, 0.90, 0.97), (70, 1, 0.88, 0.88, 0.88)]
+    assert bands([(59.0, 0.9), (61.0, 0.8)], width=20) == [(40, 1, 0.9, 0.9, 0.9), (60, 1, 0.8, 0.8, 0.8)]
+
+
+def test_series_prints_each_measurement_and_a_summary(paired_exe, capsys):
+    exe, model = paired_exe
+    series(exe, [("tiny a", model, 2 << 20), ("tiny b", model, 1 << 20)], 1, minutes=0, steps=12)
+    lines = capsys.readouterr().out.splitlines()
+    measured = [ln for ln in lines if " forward " in ln]  # one round: each run once
+    assert [ln.split()[1:3] for ln in measured] == [["tiny", "a"], ["tiny", "b"]]
+    summary = [ln for ln in lines if ln.startswith("tiny") and "median" in ln]
+    assert {ln.split()[1] for ln in summary} == {"a", "b"} and all(" n    1 " in ln for ln in summary)
