@@ -22,8 +22,8 @@ run by run, printing new/old ratios (e.g. `git show HEAD~1:run.c > /tmp/old.c`).
 
 --series MINUTES repeats only the token-by-token measurement (128 greedy tokens a time,
 shapes and precisions taking turns) for that long and sums it up by the sweep's bandwidth
-in bands of 10 GB/s: on a shared host the fraction depends on how much bandwidth is left
-to us (e.g. `--series 8 --shapes 42M,110M --precisions fp32 --threads 2`).
+in bands of 10 GB/s, at the last thread count of --threads: on a shared host the fraction
+depends on how much bandwidth is left to us (e.g. `--series 8 --shapes 42M,110M --precisions fp32 --threads 2`).
 
 The numpy writers here (write_v1 / write_v2 / write_tokenizer) are also used by the
 C runtime's tests, so they have no dependency on export.py.
@@ -461,7 +461,7 @@ def main():
     ap.add_argument("--markdown", action="store_true", help="also print a markdown table (for the README)")
     ap.add_argument("--against", metavar="OLD_RUN_C", help="time this older run.c side by side (alternating)")
     ap.add_argument("--series", type=float, metavar="MINUTES",
-                    help="only the token-by-token fraction, repeated for MINUTES, by bandwidth")
+                    help="only the token-by-token fraction (last of --threads), repeated, by bandwidth")
     args = ap.parse_args()
     if args.quick:
         args.shapes, args.threads, args.runs, args.steps = "15M,42M", "2", 3, 128
@@ -478,7 +478,9 @@ def main():
         old_t = Path(tmp.name) / "timer_old"
         build_timer(args.against, old_t)
     threads = [int(t) for t in args.threads.split(",")]
-    if args.series:
+    if args.series is not None:
+        if not args.series >= 0:
+            sys.exit(f"--series: minutes must be 0 or more, not {args.series}")
         runs = []
         for shape in args.shapes.split(","):
             for version, prec in ((1, "fp32"), (2, "int8")):
@@ -491,7 +493,9 @@ def main():
                         print(f"{shape} {prec}: the weights fit in L3, left out", file=sys.stderr)
                     else:
                         runs.append((f"{shape} {prec}", path, wb))
-        series(pair_t, runs, threads[-1], args.series)
+        if not runs:
+            sys.exit("--series: no model larger than L3 among --shapes and --precisions")
+        series(pair_t, runs, threads[-1], args.series)  # at the last thread count of --threads
         return
     bw = {t: stream_bandwidth(t) for t in threads}
     print("read bandwidth: " + ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s" for t in threads)

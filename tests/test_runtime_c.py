@@ -387,11 +387,13 @@ MATMUL_F32_C = r"""
 int main(void) {
     static const int shapes[][2] = {{768, 64}, {776, 64}, {2048, 36}, {1376, 40}};
     uint32_t seed = 12345;
+#define NEXT() (seed = seed * 1664525u + 1013904223u, (int32_t)seed / 2147483648.0f)
     for (int s = 0; s < 4; s++) {
         const int n = shapes[s][0], rows = shapes[s][1];
-        float *w = malloc(sizeof(float) * n * rows), *x = malloc(sizeof(float) * n), *out = malloc(sizeof(float) * rows);
-        for (int i = 0; i < n * rows; i++) { seed = seed * 1664525u + 1013904223u; w[i] = (int32_t)seed / 2147483648.0f; }
-        for (int i = 0; i < n; i++) { seed = seed * 1664525u + 1013904223u; x[i] = (int32_t)seed / 2147483648.0f; }
+        float *w = malloc(sizeof(float) * n * rows), *x = malloc(sizeof(float) * n);
+        float *out = malloc(sizeof(float) * rows);
+        for (int i = 0; i < n * rows; i++) w[i] = NEXT();
+        for (int i = 0; i < n; i++) x[i] = NEXT();
         matmul_f32(out, x, w, n, 0, rows);
         fwrite(out, sizeof(float), rows, stdout);
     }
