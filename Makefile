@@ -11,6 +11,7 @@ VENV_STAMP := $(VENV)/.installed
 # The tests build the C runtime themselves through the targets below.
 # .web-installed: the Zig compiler, wasmtime and Playwright (requirements-web.txt, ZIG-WEB section).
 test: $(VENV_STAMP) $(VENV)/.web-installed
+	$(VENV)/bin/ruff check -q .
 	$(PY) -m pytest -q
 
 # Offline end to end: synthetic corpus -> vocab -> shards -> train -> model.bin -> samples.
