@@ -424,7 +424,20 @@ def tok_per_s(model, tok, threads, runs, steps, topp, exe=None, before=None):
     return statistics.median(vals)
 
 
-def bands(samples, width=10):
+def cached_model(shape, version):
+    """The random-weight model file of a shape (v1 fp32, v2 int8), written on first use."""
+    path = model_path(shape, version)
+    if not path.exists():
+        print(f"writing {path} ...", file=sys.stderr)
+        CACHE.mkdir(exist_ok=True)
+        (write_v1 if version == 1 else write_v2)(path, SHAPES[shape])
+    return path
+
+
+BAND_GBS = 10  # --series groups by the sweep's bandwidth in bands this wide
+
+
+def bands(samples, width=BAND_GBS):
     """samples: (sweep GB/s, fraction) pairs -> [(low GB/s, count, median, min, max)] per band."""
     by = {}
     for gbs, frac in samples:
@@ -446,7 +459,8 @@ def series(exe, runs, threads, minutes, steps=128):
     print(f"\nfraction of the bound token by token, by the sweep's bandwidth ({threads} thread{'s' * (threads > 1)}):")
     for label, got in samples.items():
         for lo, n, med, lo_f, hi_f in bands(got):
-            print(f"{label:12} {lo:3d}-{lo + 10:<3d} GB/s  n {n:4d}  median {med:.3f}  range {lo_f:.3f}-{hi_f:.3f}")
+            print(f"{label:12} {lo:3d}-{lo + BAND_GBS:<3d} GB/s  n {n:4d}  median {med:.3f}  "
+                  f"range {lo_f:.3f}-{hi_f:.3f}")
 
 
 def main():
@@ -469,14 +483,8 @@ def main():
         subprocess.run(["make", "-s", "-C", str(ROOT), "runomp"], check=True)
     CACHE.mkdir(exist_ok=True)
     tmp = tempfile.TemporaryDirectory()
-    new_t = Path(tmp.name) / "timer_new"
-    build_timer(ROOT / "run.c", new_t)
     pair_t = Path(tmp.name) / "paired"
     build_paired(ROOT / "run.c", pair_t)
-    old_t = None
-    if args.against:
-        old_t = Path(tmp.name) / "timer_old"
-        build_timer(args.against, old_t)
     threads = [int(t) for t in args.threads.split(",")]
     if args.series is not None:
         if not args.series >= 0:
@@ -485,18 +493,21 @@ def main():
         for shape in args.shapes.split(","):
             for version, prec in ((1, "fp32"), (2, "int8")):
                 if prec in args.precisions.split(","):
-                    path = model_path(shape, version)
-                    if not path.exists():
-                        (write_v1 if version == 1 else write_v2)(path, SHAPES[shape])
                     wb = weight_bytes(SHAPES[shape], version)
                     if wb < L3_BYTES:  # the sweep would empty L3 between tokens: not this bound
                         print(f"{shape} {prec}: the weights fit in L3, left out", file=sys.stderr)
                     else:
-                        runs.append((f"{shape} {prec}", path, wb))
+                        runs.append((f"{shape} {prec}", cached_model(shape, version), wb))
         if not runs:
             sys.exit("--series: no model larger than L3 among --shapes and --precisions")
         series(pair_t, runs, threads[-1], args.series)  # at the last thread count of --threads
         return
+    new_t = Path(tmp.name) / "timer_new"
+    build_timer(ROOT / "run.c", new_t)
+    old_t = None
+    if args.against:
+        old_t = Path(tmp.name) / "timer_old"
+        build_timer(args.against, old_t)
     bw = {t: stream_bandwidth(t) for t in threads}
     print("read bandwidth: " + ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s" for t in threads)
           + f"; L3 {L3_BYTES / 2**20:.1f} MiB; load average {os.getloadavg()[0]:.2f}")
@@ -512,10 +523,7 @@ def main():
         for version, prec in ((1, "fp32"), (2, "int8")):
             if prec not in args.precisions.split(","):
                 continue
-            path = model_path(shape, version)
-            if not path.exists():
-                print(f"writing {path} ...", file=sys.stderr)
-                (write_v1 if version == 1 else write_v2)(path, cfg)
+            path = cached_model(shape, version)
             wb = weight_bytes(cfg, version)
             for t in threads:
                 along = []  # the bandwidth right before each run: the host's share drifts

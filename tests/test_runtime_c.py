@@ -326,8 +326,7 @@ def test_logits_do_not_depend_on_the_row_shares(rt, tmp_path, version):
 @pytest.mark.parametrize("vocab", [512, 509])
 def test_random_int8_group_sizes(rt, tmp_path, dim, hidden, gs, vocab):
     """Each kernel: gs % 32 == 0 (four streams on AVX2, one or more 32-byte steps per group),
-    others (portable);
-    groups that straddle w2's rows (hidden % gs != 0): in halves of 32 (the 42M shape, 1376 with
+    others (portable); groups that straddle w2's rows (hidden % gs != 0): in halves of 32 (the 42M shape, 1376 with
     64), quarters of 4 (172 with 64, as llama2.c exports stories260K), and 64 of 128. A vocabulary
     of 509 rows leaves the four-stream kernels (AVX2) a last row to do alone."""
     import export
