@@ -162,12 +162,23 @@ def train(cfg: TrainConfig) -> dict:
         stop_requested["signal"] = signum
 
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    left_together = False  # every rank leaves _train at the same point: done, or stopped by a signal
     try:
-        return _train(cfg, ddp, rank, world_size, master, device, device_type, log, stop_requested)
+        result = _train(cfg, ddp, rank, world_size, master, device, device_type, log, stop_requested)
+        left_together = True
+        return result
+    except KeyboardInterrupt:
+        left_together = True
+        raise
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         if ddp:
+            if left_together:
+                # After a collective returns, gloo's worker thread still drops its tensors, which takes
+                # the GIL; a rank that exits at once can abort there ("terminate called without an
+                # active exception", pytorch/pytorch#190489). Waiting in a barrier lets it finish.
+                dist.barrier()
             dist.destroy_process_group()
 
 
