@@ -434,6 +434,14 @@ def cached_model(shape, version):
     return path
 
 
+def selected(args):
+    """(shape, version, precision) for each model that --shapes and --precisions ask for, in order."""
+    for shape in args.shapes.split(","):
+        for version, prec in ((1, "fp32"), (2, "int8")):
+            if prec in args.precisions.split(","):
+                yield shape, version, prec
+
+
 BAND_GBS = 10  # --series groups by the sweep's bandwidth in bands this wide
 
 
@@ -490,14 +498,12 @@ def main():
         if not args.series >= 0:
             sys.exit(f"--series: minutes must be 0 or more, not {args.series}")
         runs = []
-        for shape in args.shapes.split(","):
-            for version, prec in ((1, "fp32"), (2, "int8")):
-                if prec in args.precisions.split(","):
-                    wb = weight_bytes(SHAPES[shape], version)
-                    if wb < L3_BYTES:  # the sweep would empty L3 between tokens: not this bound
-                        print(f"{shape} {prec}: the weights fit in L3, left out", file=sys.stderr)
-                    else:
-                        runs.append((f"{shape} {prec}", cached_model(shape, version), wb))
+        for shape, version, prec in selected(args):
+            wb = weight_bytes(SHAPES[shape], version)
+            if wb < L3_BYTES:  # the sweep would empty L3 between tokens: not this bound
+                print(f"{shape} {prec}: the weights fit in L3, left out", file=sys.stderr)
+            else:
+                runs.append((f"{shape} {prec}", cached_model(shape, version), wb))
         if not runs:
             sys.exit("--series: no model larger than L3 among --shapes and --precisions")
         series(pair_t, runs, threads[-1], args.series)  # at the last thread count of --threads
@@ -515,37 +521,34 @@ def main():
           f"{'min t/s':>8} {'frac':>6} {'paired':>6} {'topp0.9':>8} {'cost':>6} {'sampler us off/on':>18}"
           + ("  new/old" if old_t else ""))
     rows = []
-    for shape in args.shapes.split(","):
+    for shape, version, prec in selected(args):
         cfg = SHAPES[shape]
         tok = CACHE / f"tok{cfg[5]}.bin"
         if not tok.exists():
             write_tokenizer(tok, cfg[5])
-        for version, prec in ((1, "fp32"), (2, "int8")):
-            if prec not in args.precisions.split(","):
-                continue
-            path = cached_model(shape, version)
-            wb = weight_bytes(cfg, version)
-            for t in threads:
-                along = []  # the bandwidth right before each run: the host's share drifts
-                off = tok_per_s(path, tok, t, args.runs, args.steps, 1.0,
-                                before=lambda along=along, t=t: along.append(stream_bandwidth(t)))
-                on = tok_per_s(path, tok, t, args.runs, args.steps, 0.9)
-                ratio = ""
-                if old_t:  # alternate old and new, several rounds; best of each
-                    new_v, old_v = [], []
-                    for _ in range(3):
-                        old_v.append(timer(old_t, path, t, 2, args.steps)[1])
-                        new_v.append(timer(new_t, path, t, 2, args.steps)[1])
-                    ratio = f"  {max(new_v) / max(old_v):.2f}x ({max(old_v):.0f} -> {max(new_v):.0f})"
-                mn, fwd, s_off, s_on = timer(new_t, path, t, args.runs, args.steps)
-                bound = statistics.median(along) * 1e9 / wb
-                topp_cost = (s_on - s_off) * 1e-6 * mn  # share of a token's time (forward + sampling)
-                note = "  (weights fit in L3: bound is DRAM's, not L3's)" if wb < L3_BYTES else ""
-                same = None if wb < L3_BYTES else paired(pair_t, path, t, args.steps, wb)[2]
-                print(f"{shape:6} {prec:5} {t:3d} {wb / 1e6:7.1f} {off:8.0f} {bound:8.0f} {off / bound:6.2f} "
-                      f"{mn:8.0f} {mn / bound:6.2f} {same or 0:6.2f} {on:8.0f} {100 * topp_cost:5.1f}% "
-                      f"{s_off:8.1f} / {s_on:7.1f}{ratio}{note}", flush=True)
-                rows.append((shape, prec, t, wb, off, bound, mn, on, topp_cost, wb < L3_BYTES))
+        path = cached_model(shape, version)
+        wb = weight_bytes(cfg, version)
+        for t in threads:
+            along = []  # the bandwidth right before each run: the host's share drifts
+            off = tok_per_s(path, tok, t, args.runs, args.steps, 1.0,
+                            before=lambda along=along, t=t: along.append(stream_bandwidth(t)))
+            on = tok_per_s(path, tok, t, args.runs, args.steps, 0.9)
+            ratio = ""
+            if old_t:  # alternate old and new, several rounds; best of each
+                new_v, old_v = [], []
+                for _ in range(3):
+                    old_v.append(timer(old_t, path, t, 2, args.steps)[1])
+                    new_v.append(timer(new_t, path, t, 2, args.steps)[1])
+                ratio = f"  {max(new_v) / max(old_v):.2f}x ({max(old_v):.0f} -> {max(new_v):.0f})"
+            mn, fwd, s_off, s_on = timer(new_t, path, t, args.runs, args.steps)
+            bound = statistics.median(along) * 1e9 / wb
+            topp_cost = (s_on - s_off) * 1e-6 * mn  # share of a token's time (forward + sampling)
+            note = "  (weights fit in L3: bound is DRAM's, not L3's)" if wb < L3_BYTES else ""
+            same = None if wb < L3_BYTES else paired(pair_t, path, t, args.steps, wb)[2]
+            print(f"{shape:6} {prec:5} {t:3d} {wb / 1e6:7.1f} {off:8.0f} {bound:8.0f} {off / bound:6.2f} "
+                  f"{mn:8.0f} {mn / bound:6.2f} {same or 0:6.2f} {on:8.0f} {100 * topp_cost:5.1f}% "
+                  f"{s_off:8.1f} / {s_on:7.1f}{ratio}{note}", flush=True)
+            rows.append((shape, prec, t, wb, off, bound, mn, on, topp_cost, wb < L3_BYTES))
     if args.markdown:
         print("\n| model | weights | threads | tok/s | bound | of bound | min tok/s | top-p 0.9 cost |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
