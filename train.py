@@ -162,24 +162,28 @@ def train(cfg: TrainConfig) -> dict:
         stop_requested["signal"] = signum
 
     previous_handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    left_together = False  # every rank leaves _train at the same point: done, or stopped by a signal
     try:
-        result = _train(cfg, ddp, rank, world_size, master, device, device_type, log, stop_requested)
-        left_together = True
-        return result
-    except KeyboardInterrupt:
-        left_together = True
-        raise
+        return _train(cfg, ddp, rank, world_size, master, device, device_type, log, stop_requested)
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         if ddp:
-            if left_together:
-                # After a collective returns, gloo's worker thread still drops its tensors, which takes
-                # the GIL; a rank that exits at once can abort there ("terminate called without an
-                # active exception", pytorch/pytorch#190489). Waiting in a barrier lets it finish.
-                dist.barrier()
             dist.destroy_process_group()
+
+
+def exit_after_ddp(code: int) -> None:
+    """End a process that took part in DDP training, skipping the interpreter's shutdown.
+
+    After a collective returns, gloo's worker thread still releases the work's tensors, which takes the
+    GIL. If that happens while Python shuts down, the thread is ended mid-destructor and the process
+    aborts ("terminate called without an active exception", pytorch/pytorch#190489). The threads live
+    as long as the process group, and DDP keeps references to it that destroy_process_group() does not
+    drop, so no wait inside Python is safe (a closing barrier only moved the race into the barrier's
+    own work). Every file train.py writes is closed by now; only the standard streams need a flush.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _train(cfg, ddp, rank, world_size, master, device, device_type, log, stop_requested) -> dict:
@@ -413,4 +417,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if "RANK" in os.environ:  # launched by torchrun
+        exit_after_ddp(exit_code)
+    sys.exit(exit_code)
