@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -171,7 +172,7 @@ def train(cfg: TrainConfig) -> dict:
             dist.destroy_process_group()
 
 
-def exit_after_ddp(code: int) -> None:
+def exit_after_ddp(code: int) -> NoReturn:
     """End a process that took part in DDP training, skipping the interpreter's shutdown.
 
     After a collective returns, gloo's worker thread still releases the work's tensors, which takes the
