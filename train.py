@@ -177,7 +177,7 @@ def exit_after_ddp(code: int) -> NoReturn:
 
     After a collective returns, gloo's worker thread still releases the work's tensors, which takes the
     GIL. If that happens while Python shuts down, the thread is ended mid-destructor and the process
-    aborts ("terminate called without an active exception", pytorch/pytorch#190489). The threads live
+    aborts ("terminate called without an active exception"; caught under gdb here). The threads live
     as long as the process group, and DDP keeps references to it that destroy_process_group() does not
     drop, so no wait inside Python is safe (a closing barrier only moved the race into the barrier's
     own work). Every file train.py writes is closed by now; only the standard streams need a flush.
