@@ -1,4 +1,4 @@
-"""ctypes binding to the C runtime (librun.so, built from run.c with `make lib`).
+"""ctypes binding to the C runtime (librun.so, built from runtimes/c/run.c with `make lib`).
 
     from runtime import Model, Tokenizer
 
@@ -173,7 +173,7 @@ class Tokenizer(_Handle):
         self.vocab_size = int(vocab_size)
 
     def encode(self, text: str | bytes, bos: bool = True, eos: bool = False) -> list[int]:
-        """llama2.c/SentencePiece-style BPE encoding (see TOKENIZER notes in run.c)."""
+        """llama2.c/SentencePiece-style BPE encoding (see the tokenizer section of runtimes/c/run.c)."""
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         cap = len(data) + 3
         out = (ctypes.c_int * cap)()

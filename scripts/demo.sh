@@ -32,7 +32,7 @@ stage "4/6 train the model on the CPU (configs/demo.toml)" \
 stage "5/6 sample a story with PyTorch (sample.py)" \
   $PY sample.py --checkpoint "$OUT/model.bin" --tokenizer "$DATA/tok512.model" --prompt "$PROMPT" \
     --temperature 0.8 --seed 42 --max_new_tokens 200
-if [ -f run.c ]; then
+if [ -f runtimes/c/run.c ]; then
   stage "6/6 sample a story with the C runtime (./run)" \
     bash -c "make -s runomp >/dev/null && OMP_NUM_THREADS=2 ./run '$OUT/model.bin' -z '$DATA/tok512.bin' -t 0.8 -s 42 -n 200 -i '$PROMPT'"
 fi

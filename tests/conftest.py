@@ -1,26 +1,9 @@
 """Shared test helpers: paths to the project and ../shared fixtures, and a small model
 trained once per session on the synthetic corpus (peaked, like a real trained model)."""
 
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "fixtures"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))  # bench_run's numpy model writers, used by the C tests
-
-LLAMA2_TOKENIZER_MODEL = SHARED / "llama2-tokenizer" / "tokenizer.model"
-LLAMA2_TOKENIZER_BIN = SHARED / "llama2-tokenizer" / "tokenizer.bin"
-STORIES260K = SHARED / "stories260K" / "stories260K.bin"
-
-
-def need(path: Path) -> Path:
-    """Skip the calling test when a ../shared fixture is missing."""
-    if not path.exists():
-        pytest.skip(f"fixture {path} not present (../shared/fixtures is optional)")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,10 +9,10 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
 
 import train
 from configs import load_config
+from tests.common import ROOT
 
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--vocab_size=512", "--multiple_of=16",
         "--max_seq_len=32", "--batch_size=4", "--gradient_accumulation_steps=2", "--learning_rate=3e-3",

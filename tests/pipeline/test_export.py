@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import export  # noqa: E402
 from export import ModelFileError  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
+from tests.common import ROOT, SHARED
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = SHARED
 STORIES260K = FIXTURES / "stories260K" / "stories260K.bin"
 LLAMA2_TOKENIZER = FIXTURES / "llama2-tokenizer" / "tokenizer.model"
 

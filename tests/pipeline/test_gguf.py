@@ -11,8 +11,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import LLAMA2_TOKENIZER_MODEL, ROOT, STORIES260K, need
-from zigweb_util import c_greedy, random_model
+
+from tests.common import LLAMA2_TOKENIZER_MODEL, ROOT, STORIES260K, need
+from tests.runtimes.zigweb_util import c_greedy, random_model
 
 gguf = pytest.importorskip("gguf", reason="gguf is not installed (pip install -r requirements-bench.txt)")
 llama_cpp = pytest.importorskip(

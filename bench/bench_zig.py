@@ -4,7 +4,7 @@ wasmtime at 1 thread, on random-weight models of the 15M shape (dim 288,
 6 layers, 6 heads, hidden 768, vocab 32000, seq 256), fp32 (v1) and int8 (v2),
 256 tokens greedy, median of 3 runs. Prints a markdown table.
 
-    make runzig wasm && .venv/bin/python scripts/bench_zig.py
+    make runzig wasm && .venv/bin/python bench/bench_zig.py
 """
 
 import argparse
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # bench_run.py: top level or scripts/
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # bench_run.py: top level or scripts/
 from bench_run import write_tokenizer, write_v1, write_v2  # noqa: E402
 
 SHAPE_15M = (288, 768, 6, 6, 6, 32000, 256)  # dim, hidden, layers, heads, kv heads, vocab, seq_len
@@ -62,8 +62,8 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         cexe = d / "run_c"
-        subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", "-o", str(cexe), str(ROOT / "run.c"), "-lm"],
-                       check=True)
+        run_c = ROOT / "runtimes" / "c" / "run.c"
+        subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", "-o", str(cexe), str(run_c), "-lm"], check=True)
         write_tokenizer(d / "tok.bin", SHAPE_15M[5])
         write_v1(d / "fp32.bin", SHAPE_15M)
         write_v2(d / "int8.bin", SHAPE_15M)

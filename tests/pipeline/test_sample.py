@@ -5,10 +5,10 @@ import sys
 
 import pytest
 import torch
-from conftest import LLAMA2_TOKENIZER_MODEL, ROOT, STORIES260K, need
 
 from export import write_v1
 from model import ModelArgs, Transformer
+from tests.common import LLAMA2_TOKENIZER_MODEL, ROOT, STORIES260K, need
 from tokenizer import Tokenizer
 
 

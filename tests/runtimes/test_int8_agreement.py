@@ -9,11 +9,11 @@ a good yardstick here: its greedy path is full of near-ties (see the second test
 import numpy as np
 import pytest
 import torch
-from conftest import STORIES260K, need
 from torch import nn
 
 import export
 import runtime
+from tests.common import STORIES260K, need
 
 
 def greedy_agreement(model_bin, tmp_path, steps=200):

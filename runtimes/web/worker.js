@@ -3,7 +3,7 @@
 // With more than one thread it runs llama-threads.wasm on a shared memory and
 // starts a helper worker (helper.js) per extra thread; each matmul's rows are
 // split over them. A shared memory needs a cross-origin isolated page
-// (COOP/COEP headers, as web/serve.py sends); without one it runs 1 thread.
+// (COOP/COEP headers, as runtimes/web/serve.py sends); without one it runs 1 thread.
 let wasm = null;
 let memory = null;
 let threads = 1;
@@ -24,7 +24,7 @@ async function instance(wanted) {
 // A shared memory of up to 4 GiB (as the Makefile's build), or null and why not.
 function sharedMemory() {
   if (!self.crossOriginIsolated) {
-    fewerThreads = "more threads need a cross-origin isolated page: the COOP/COEP headers web/serve.py sends";
+    fewerThreads = "more threads need a cross-origin isolated page: the COOP/COEP headers runtimes/web/serve.py sends";
     return null;
   }
   try {

@@ -1,4 +1,4 @@
-"""Serve web/ on 127.0.0.1 (make web). With --models DIR, DIR is also served
+"""Serve runtimes/web/ on 127.0.0.1 (make web). With --models DIR, DIR is also served
 under /models/, so the page can fetch model.bin and tokenizer.bin from it.
 
 Sends the cross-origin isolation headers (COOP/COEP), without which the page
@@ -55,7 +55,7 @@ def main():
     a = ap.parse_args()
     for module in ("llama.wasm", "llama-threads.wasm"):
         if not (WEB / module).exists():
-            raise SystemExit(f"web/{module} is missing: run `make web`")
+            raise SystemExit(f"{WEB / module} is missing: run `make web-build`")
     server = make_server(a.port, a.models)
     print(f"serving {WEB} on http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C to stop)")
     try:

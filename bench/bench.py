@@ -1,12 +1,12 @@
 """The benchmark table as a command: run.c under compilers and flag sets, llama.cpp, and the bandwidth bound.
 
-    python scripts/bench.py            # full matrix (make bench)
-    python scripts/bench.py --quick    # a few minutes: 15M only, five builds (make bench-quick)
-    python scripts/bench.py --quick --docs   # also write docs/performance.md and docs/bench.png
+    python bench/bench.py            # full matrix (make bench)
+    python bench/bench.py --quick    # a few minutes: 15M only, five builds (make bench-quick)
+    python bench/bench.py --quick --docs   # also write docs/performance.md and docs/bench.png
 
 For each build (compiler x flags: gcc, clang, `zig cc` from PyPI ziglang, native and cross) it
 compiles run.c into bench_cache/bin/, then times 256-token generations on random-weight models of
-the 15M, 42M and 110M preset shapes (fp32 = model.bin v1, int8 = v2; written by scripts/bench_run.py's
+the 15M, 42M and 110M preset shapes (fp32 = model.bin v1, int8 = v2; written by bench/bench_run.py's
 numpy writers into bench_cache/, never committed), at 1 and 2 threads (threaded builds only at 2).
 Settings: temperature 1, top-p off (-p 1), -n 256, tok/s as run.c reports it (from the 2nd token).
 The same random models, exported with `export.py --version gguf` (f32, q8_0), run in llama.cpp through
@@ -15,7 +15,7 @@ timer (load and sampling excluded, the 1st token too). Builds and llama.cpp take
 round, so a burst of load from elsewhere hits all of them alike; the table gives the median and the
 spread (max - min) of --runs rounds.
 
-The limit: a STREAM-style read bandwidth at 1 and 2 threads (scripts/bench_run.py's kernel: the
+The limit: a STREAM-style read bandwidth at 1 and 2 threads (bench/bench_run.py's kernel: the
 best of 1, 2, 4 or 8 streams per thread, since one stream under-reads some CPUs), measured once at
 the start and again right before our runtime's run in every round: on a shared host the bandwidth
 left to us drifts by 10-30% within minutes, so a bound measured minutes away from the run it divides
@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from bench_run import (  # noqa: E402
@@ -214,8 +214,8 @@ def build(name, compiler, flags) -> dict:
     """Compile run.c (stripped: -s) or run.zig (-fstrip) into bench_cache/bin, cached by source and command.
     Returns a record."""
     port = compiler in ("zig-port", "wasm", "web")
-    src = ROOT / ("run_web.zig" if compiler == "web" else "run.zig" if port else "run.c")
-    deps = [src] + ([ROOT / "run.zig"] if compiler == "web" else [])  # run_web.zig imports run.zig
+    src = ROOT / "runtimes" / ("zig/run_web.zig" if compiler == "web" else "zig/run.zig" if port else "c/run.c")
+    deps = [src] + ([ROOT / "runtimes" / "zig" / "run.zig"] if compiler == "web" else [])  # run_web.zig imports run.zig
     both = f"{compiler} {flags}" + (f" {WEB_THREADS}" if compiler == "web" else "")
     key = hashlib.sha1(b"".join(p.read_bytes() for p in deps) + both.encode()).hexdigest()[:10]
     exe = CACHE / "bin" / f"{name}-{key}"
@@ -344,11 +344,11 @@ def time_chromium(module_path, files, prec, threads, steps, seed) -> float | Non
         import importlib.util
         import threading
 
-        spec = importlib.util.spec_from_file_location("serve", ROOT / "web" / "serve.py")
+        spec = importlib.util.spec_from_file_location("serve", ROOT / "runtimes" / "web" / "serve.py")
         serve = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(serve)
-        shutil.copyfile(module_path, ROOT / "web" / "llama.wasm")
-        shutil.copyfile(module_path + "-threads", ROOT / "web" / "llama-threads.wasm")
+        shutil.copyfile(module_path, ROOT / "runtimes" / "web" / "llama.wasm")
+        shutil.copyfile(module_path + "-threads", ROOT / "runtimes" / "web" / "llama-threads.wasm")
         server = serve.make_server(0, CACHE, quiet=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         pw = sync_playwright().start()
@@ -711,7 +711,7 @@ def main(argv=None) -> int:
 
     timed = [b for b in builds if "error" not in b and (b["native"] or "x86_64" in b["flags"])]
     pair_exe = CACHE / "bin" / "paired"
-    build_paired(ROOT / "run.c", pair_exe)
+    build_paired(ROOT / "runtimes" / "c" / "run.c", pair_exe)
     llc = llc_bytes()  # weights that fit in it are not run token by token against DRAM's bound
     jobs = []  # (shape, prec, threads, [builds]); each round runs them all, then llama.cpp
     for shape in shapes:
@@ -753,7 +753,7 @@ def main(argv=None) -> int:
 
     if "close" in _browser:
         _browser.pop("close")()
-    res = {"command": "python scripts/bench.py" + (" --quick" if args.quick else "")
+    res = {"command": "python bench/bench.py" + (" --quick" if args.quick else "")
            + (f" --shapes {args.shapes}" if args.shapes else "") + (f" --builds {args.builds}" if args.builds else ""),
            "date": time.strftime("%Y-%m-%d %H:%M"), "quick": args.quick, "runs": args.runs, "steps": args.steps,
            "shapes": shapes, "precisions": precisions, "threads": threads, "machine": m, "llc_bytes": llc,

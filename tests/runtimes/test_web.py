@@ -1,4 +1,4 @@
-"""The browser page (web/, `make web`) end to end in headless Chromium: pick the
+"""The browser page (runtimes/web/, `make web`) end to end in headless Chromium: pick the
 stories260K fixture and a 512-piece tokenizer with the file inputs, generate
 greedily in the Web Worker, with 1 thread and with 2 (a helper worker on shared
 memory), and check the ids against the C runtime. Saves a screenshot of the page
@@ -12,7 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from zigweb_util import ROOT, STORIES260K, c_greedy, make, need, write_tokenizer
+
+from tests.runtimes.zigweb_util import ROOT, STORIES260K, c_greedy, make, need, write_tokenizer
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "results" / "web.png"  # ignored by git: tests leave the tree clean
@@ -28,7 +29,7 @@ def chromium():
 
 
 def load_serve():
-    spec = importlib.util.spec_from_file_location("serve", ROOT / "web" / "serve.py")
+    spec = importlib.util.spec_from_file_location("serve", ROOT / "runtimes" / "web" / "serve.py")
     serve = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(serve)
     return serve

@@ -3,13 +3,19 @@ random models, and the C runtime's greedy ids to compare against."""
 
 import struct
 import subprocess
-import sys
 
 import pytest
-from crt_util import ROOT, STORIES260K, TINY, build, need, random_classifier, random_transformer  # noqa: F401
 
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]  # bench_run.py's numpy writers: top level or scripts/
-from bench_run import write_tokenizer, write_v0, write_v1, write_v2  # noqa: E402, F401 (re-exported)
+from bench.bench_run import write_tokenizer, write_v0, write_v1, write_v2  # noqa: E402, F401 (re-exported)
+from tests.runtimes.crt_util import (  # noqa: F401
+    ROOT,
+    STORIES260K,
+    TINY,
+    build,
+    need,
+    random_classifier,
+    random_transformer,
+)
 
 _made = set()
 

@@ -2,8 +2,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import LLAMA2_TOKENIZER_BIN, LLAMA2_TOKENIZER_MODEL, ROOT, need
 
+from tests.common import LLAMA2_TOKENIZER_BIN, LLAMA2_TOKENIZER_MODEL, ROOT, need
 from tokenizer import Tokenizer, TokenizerError, check_vocab_size
 
 # From ../shared/fixtures/README.md: SentencePiece's own ids for Meta's example prompts.

@@ -9,8 +9,9 @@ import struct
 import subprocess
 
 import pytest
-from bench_run import write_tokenizer, write_v0, write_v1, write_v2
-from crt_util import ROOT, TINY, build
+
+from bench.bench_run import write_tokenizer, write_v0, write_v1, write_v2
+from tests.runtimes.crt_util import ROOT, TINY, build
 
 SAN_ENV = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "halt_on_error=1",
            "OMP_NUM_THREADS": "1"}

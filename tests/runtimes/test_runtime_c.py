@@ -19,8 +19,9 @@ import sys
 
 import numpy as np
 import pytest
-from bench_run import write_tokenizer, write_v1, write_v2
-from crt_util import (
+
+from bench.bench_run import write_tokenizer, write_v1, write_v2
+from tests.runtimes.crt_util import (
     LLAMA_TOK_BIN,
     LLAMA_TOK_MODEL,
     ROOT,
@@ -367,7 +368,7 @@ def test_int8_vnni_gives_the_same_bits_as_pmaddubsw(rt, tmp_path):
     lib = tmp_path / "librun_novnni.so"
     obj = tmp_path / "librun_novnni.o"
     subprocess.run(["gcc", "-Ofast", "-fopenmp", "-march=native", "-mno-avxvnni", "-mno-avx512vnni", "-fPIC",
-                    "-DRUN_LIBRARY", "-c", str(ROOT / "run.c"), "-o", str(obj)], check=True)
+                    "-DRUN_LIBRARY", "-c", str(ROOT / "runtimes" / "c" / "run.c"), "-o", str(obj)], check=True)
     subprocess.run(["gcc", "-shared", "-fopenmp", str(obj), "-o", str(lib), "-lm"], check=True)
     cfg = (128, 352, 2, 4, 2, 509, 64)  # dim, hidden, layers, heads, kv heads, vocab, seq_len
     path = tmp_path / "m.bin"
@@ -410,7 +411,7 @@ def test_fp32_avx512_kernel_gives_the_same_bits_as_avx2(tmp_path):
     if "__AVX512F__" not in _native_macros():
         pytest.skip("this CPU has no AVX-512: both builds would be the same code")
     src = tmp_path / "matmul.c"
-    src.write_text(MATMUL_F32_C.replace("RUNC", f'"{ROOT / "run.c"}"'))
+    src.write_text(MATMUL_F32_C.replace("RUNC", f'"{ROOT / "runtimes" / "c" / "run.c"}"'))
     outs = []
     for name, flags in (("avx512", []), ("avx2", ["-mno-avx512f"])):
         exe = tmp_path / name

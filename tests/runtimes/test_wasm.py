@@ -5,7 +5,8 @@ same one-line errors."""
 import subprocess
 
 import pytest
-from zigweb_util import (
+
+from tests.runtimes.zigweb_util import (
     RANDOM_MODELS,
     ROOT,
     STORIES260K,
@@ -98,7 +99,7 @@ def test_zig_unit_tests_under_wasmtime(tmp_path):
     exe = tmp_path / "test.wasm"
     p = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "ziglang", "test", "-target", "wasm32-wasi",
                         "-mcpu=generic+simd128", "-O", "ReleaseFast", "--test-no-exec", f"-femit-bin={exe}",
-                        "run.zig"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "runtimes/zig/run.zig"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     engine = wasmtime.Engine()
     code, out, err = run_wasi((engine, wasmtime.Module.from_file(engine, str(exe))), tmp_path, [])

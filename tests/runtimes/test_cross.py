@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, STORIES260K, need
-from zigweb_util import parse_ids, write_id_tokenizer
+
+from tests.common import ROOT, STORIES260K, need
+from tests.runtimes.zigweb_util import parse_ids, write_id_tokenizer
 
 STEPS = 128
 if importlib.util.find_spec("ziglang") is None:
@@ -22,7 +23,8 @@ def zig_cc(tmp_path, target):
     """-O3 without -ffast-math on both sides, so the float sums are the same on every target."""
     exe = tmp_path / f"run-{target}"
     p = subprocess.run([sys.executable, "-m", "ziglang", "cc", "-target", target, "-static", "-O3", "-s",
-                        "-o", str(exe), str(ROOT / "run.c"), "-lm"], capture_output=True, text=True, timeout=1200)
+                        "-o", str(exe), str(ROOT / "runtimes" / "c" / "run.c"), "-lm"],
+                       capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stderr
     return exe
 
@@ -41,7 +43,7 @@ def native(tmp_path_factory):
     d = tmp_path_factory.mktemp("cross")
     tok = write_id_tokenizer(d / "ids512.bin", 512)
     exe = d / "run-native"
-    subprocess.run(["gcc", "-O3", "-o", str(exe), str(ROOT / "run.c"), "-lm"], check=True)
+    subprocess.run(["gcc", "-O3", "-o", str(exe), str(ROOT / "runtimes" / "c" / "run.c"), "-lm"], check=True)
     ids = greedy_ids([exe], STORIES260K, tok)
     assert len(ids) > 20
     return tok, ids

@@ -1,6 +1,6 @@
 """Benchmark the C runtime (run.c) against the memory-bandwidth bound.
 
-    python scripts/bench_run.py [--shapes 15M,42M,110M] [--threads 1,2] [--runs 5] [--steps 256]
+    python bench/bench_run.py [--shapes 15M,42M,110M] [--threads 1,2] [--runs 5] [--steps 256]
                                 [--quick] [--markdown] [--against OLD_RUN_C]
 
 Writes random-weight model.bin files (v1 fp32 and v2 int8, straight from numpy:
@@ -492,7 +492,7 @@ def main():
     CACHE.mkdir(exist_ok=True)
     tmp = tempfile.TemporaryDirectory()
     pair_t = Path(tmp.name) / "paired"
-    build_paired(ROOT / "run.c", pair_t)
+    build_paired(ROOT / "runtimes" / "c" / "run.c", pair_t)
     threads = [int(t) for t in args.threads.split(",")]
     if args.series is not None:
         if not args.series >= 0:
@@ -509,7 +509,7 @@ def main():
         series(pair_t, runs, threads[-1], args.series)  # at the last thread count of --threads
         return
     new_t = Path(tmp.name) / "timer_new"
-    build_timer(ROOT / "run.c", new_t)
+    build_timer(ROOT / "runtimes" / "c" / "run.c", new_t)
     old_t = None
     if args.against:
         old_t = Path(tmp.name) / "timer_old"

@@ -9,8 +9,9 @@ the script raises when it does not. STREAM_C shares those kernels.
 import shutil
 
 import pytest
-from bench_run import bands, build_paired, paired, series, write_v1
-from crt_util import ROOT, TINY
+
+from bench.bench_run import bands, build_paired, paired, series, write_v1
+from tests.runtimes.crt_util import ROOT, TINY
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not 
 def paired_exe(tmp_path_factory):
     d = tmp_path_factory.mktemp("paired")
     exe = d / "paired"
-    build_paired(ROOT / "run.c", exe)
+    build_paired(ROOT / "runtimes" / "c" / "run.c", exe)
     model = d / "tiny.bin"
     write_v1(model, TINY)
     return exe, model

@@ -7,8 +7,9 @@ import os
 import subprocess
 
 import pytest
-from test_run_bad_input import FLAG_CASES, MODEL_CASES, TOKENIZER_CASES, expect_one_line_error, mutate
-from zigweb_util import (
+from tests.runtimes.test_run_bad_input import FLAG_CASES, MODEL_CASES, TOKENIZER_CASES, expect_one_line_error, mutate
+
+from tests.runtimes.zigweb_util import (
     RANDOM_MODELS,
     ROOT,
     STORIES260K,
@@ -92,7 +93,7 @@ def test_sampled_text_same_with_1_and_2_threads(tmp_path, version):
     """With 2 threads runzig splits rows by each thread's measured speed (Pool.rebalance), so the
     shares move from token to token; the text sampled at temperature 1 with a seed must not
     move with them. 170 blocks of 4 hidden rows, so a 1% move shifts rows."""
-    from bench_run import write_v1, write_v2
+    from bench.bench_run import write_v1, write_v2
 
     cfg = (256, 680, 2, 8, 4, 4093, 64)  # dim, hidden, layers, heads, kv heads, vocab, seq_len
     path = tmp_path / "m.bin"
@@ -190,6 +191,7 @@ def test_zig_unit_tests():
     """run.zig's own `test` blocks (expVec against std.math.exp, softmax, quantize rounding, argmax,
     the fp16 cache's conversions)."""
     make("runzig")  # installs the compiler
-    p = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "ziglang", "test", "-O", "ReleaseFast", "run.zig"],
+    p = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "ziglang", "test", "-O", "ReleaseFast",
+                        "runtimes/zig/run.zig"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "All 5 tests passed" in p.stderr, p.stderr

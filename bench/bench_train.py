@@ -5,9 +5,9 @@ No downloaded data needed: training steps run on random token batches, pretokeni
 This is a benchmark, not a test. On a shared machine the absolute numbers are noisy; eager and compiled
 steps are interleaved (one of each, in turn) so their ratio is the number to trust.
 
-    python scripts/bench_train.py                 # full run
-    python scripts/bench_train.py --quick         # fewer steps, one pretokenize repeat
-    python scripts/bench_train.py --steps 20 --out results/bench_train.json
+    python bench/bench_train.py                 # full run
+    python bench/bench_train.py --quick         # fewer steps, one pretokenize repeat
+    python bench/bench_train.py --steps 20 --out results/bench_train.json
 """
 
 import argparse

@@ -13,9 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from conftest import LLAMA2_TOKENIZER_MODEL, need
 
 import tinystories as ts
+from tests.common import LLAMA2_TOKENIZER_MODEL, need
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------- a local server for download tests
