@@ -1,7 +1,8 @@
-# Benchmarks (bench/bench.py): run.c under gcc / clang / zig cc and the seed's flag sets, llama.cpp
-# (llama-cpp-python) on the same random models as GGUF, and the memory-bandwidth bound. Results in
-# results/bench/ (JSON, markdown, PNG). First use installs requirements-bench.txt into .venv
-# (llama-cpp-python compiles llama.cpp: minutes) and, with apt, clang, libomp-dev, qemu-user-static.
+# The benchmark (bench/bench.py): run.c under gcc / clang / zig cc and several flag sets, the Zig
+# port natively, under wasmtime and in Chromium, llama.cpp (llama-cpp-python) on the same random
+# models as GGUF, and the memory-bandwidth bound. Results in results/bench/ (JSON, markdown, PNG).
+# First use installs requirements-bench.txt into .venv (llama-cpp-python compiles llama.cpp:
+# minutes) and, with apt, clang, libomp-dev, qemu-user-static.
 #   make bench        the full matrix (long)      make bench-quick   15M only, a few minutes
 #   make bench-docs   quick run, also written to docs/performance.md + docs/bench.png
 #   make test-bench   the tests that need llama.cpp / qemu: tests/pipeline/test_gguf.py, tests/runtimes/test_cross.py

@@ -1,28 +1,30 @@
-"""The benchmark's read kernels (scripts/bench_run.py): the bound is only as good as
-the bytes they claim to read.
+"""The benchmark's read kernels (bench/kernels/): the bound is only as good as the bytes they
+claim to read.
 
-PAIRED_C (run.c's forward pass, then a sweep over as many bytes, token by token) sums
-a buffer of ones, so the sum must equal the count of floats the kernels say they read;
-the script raises when it does not. STREAM_C shares those kernels.
+paired.c (run.c's forward pass, then a sweep over as many bytes, token by token) sums a
+buffer of ones, so the sum must equal the count of floats the kernels say they read;
+bench_run.paired raises when it does not. stream.c shares those kernels (sweep.h).
 """
 
 import shutil
 
 import pytest
 
-from bench.bench_run import bands, build_paired, paired, series, write_v1
-from tests.runtimes.crt_util import ROOT, TINY
+import modelbin
+from bench.bench_run import RUN_C, bands, build_kernel, paired, series, weight_bytes
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+
+TINY = modelbin.Header(1, dim=64, hidden_dim=160, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, seq_len=64)
 
 
 @pytest.fixture(scope="module")
 def paired_exe(tmp_path_factory):
     d = tmp_path_factory.mktemp("paired")
     exe = d / "paired"
-    build_paired(ROOT / "runtimes" / "c" / "run.c", exe)
+    build_kernel("paired", exe, RUN_C)
     model = d / "tiny.bin"
-    write_v1(model, TINY)
+    modelbin.write_model(model, TINY, modelbin.random_tensors(TINY))
     return exe, model
 
 
@@ -42,6 +44,15 @@ def test_paired_scales_with_the_bytes(paired_exe):
     small = min(paired(exe, model, 1, 24, 2 << 20)[1] for _ in range(3))
     big = min(paired(exe, model, 1, 24, 16 << 20)[1] for _ in range(3))
     assert big > 3 * small
+
+
+def test_weight_bytes_counts_every_matrix_and_norm():
+    # TINY: matrices 2 * (2*64*64 + 2*32*64 + 3*160*64) + 512*64 = 118784 values; norms 5 * 64 floats
+    assert weight_bytes(TINY) == 4 * 118784 + 4 * 5 * 64
+    # Q8_0 in groups of 32: one fp32 scale per 32 values (w2's rows of 160 split evenly)
+    q8 = modelbin.Header(2, 64, 160, 2, 4, 2, 512, 64, group_size=32)
+    assert weight_bytes(q8) == 118784 + 4 * 118784 // 32 + 4 * 5 * 64
+    assert weight_bytes(q8, gguf=True) == 118784 * 34 / 32 + 4 * 5 * 64
 
 
 def test_bands_group_by_bandwidth():
