@@ -31,6 +31,7 @@ def atomic_write(path, mode: str = "wb", **open_kwargs):
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), _new_file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -42,6 +43,13 @@ def atomic_write(path, mode: str = "wb", **open_kwargs):
             raise WriteError(f"{path}: write failed, previous file left intact ({e.strerror or e})") from None
         raise
     _sync_dir(folder)
+
+
+def _new_file_mode() -> int:
+    """The mode open() would have given a new file (mkstemp's own is 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _sync_dir(folder: str) -> None:

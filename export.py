@@ -18,15 +18,15 @@ pytorch_model*.bin), or any llama2.c model.bin (v0, v1, v2). OUTPUT formats:
   --tokenizer tokenizer.model, else a placeholder one (<unk>, <s>, </s>, byte pieces, then "<tN>"),
   enough to run a model from ids. Needs the `gguf` package (requirements-bench.txt)
 
-The exact byte layouts are in ../shared/FORMATS.md. Checkpoints are always loaded with
+The exact byte layouts are in docs/formats.md. Checkpoints are always loaded with
 torch.load(weights_only=True): a file from the internet must not be able to run code.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
-import struct
 import sys
 import time
 from pathlib import Path
@@ -34,117 +34,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import checkpoint
+import modelbin
+from atomicfile import atomic_write
 from model import ModelArgs, Transformer, rope_tables
+from modelbin import FormatError, Header, pick_group_size
 
-MAGIC = 0x616B3432  # "ak42"
-HEADER_BYTES = 256  # v1/v2 header size
-V0_HEADER_BYTES = 7 * 4
-GROUP_SIZES = (64, 32, 16, 8, 4, 2, 1)  # Q8_0 group sizes we try, largest first
-# Anything beyond these is not a model anyone trains with this code: a corrupt header.
-MAX_HEADER = {"dim": 1 << 16, "hidden_dim": 1 << 18, "n_layers": 1 << 10, "n_heads": 1 << 10,
-              "n_kv_heads": 1 << 10, "vocab_size": 1 << 22, "seq_len": 1 << 22}
-HEADER_FIELDS = tuple(MAX_HEADER)
-META_INIT_PARAMS = 50_000_000  # models larger than this are loaded without a random init first
-
-
-class ModelFileError(ValueError):
-    """A model file or directory that is missing, corrupt, or not in a supported format."""
+ModelFileError = FormatError  # one error for every bad model input, a model.bin or a checkpoint directory
 
 
 # -----------------------------------------------------------------------------
-# file layouts: which tensors, in which order, with which shapes
-
-
-def _per_layer(n_layers: int, kind: str) -> list[str]:
-    return [f"layers.{i}.{kind}.weight" for i in range(n_layers)]
-
-
-def _tensor_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    D, H, V, kvD = args.dim, args.hidden_dim, args.vocab_size, args.n_kv_heads * args.head_dim
-    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D),
-              "rope.cos": (args.max_seq_len, args.head_dim // 2), "rope.sin": (args.max_seq_len, args.head_dim // 2)}
-    per_layer = {"attention_norm": (D,), "ffn_norm": (D,), "attention.wq": (D, D), "attention.wk": (kvD, D),
-                 "attention.wv": (kvD, D), "attention.wo": (D, D), "feed_forward.w1": (H, D),
-                 "feed_forward.w2": (D, H), "feed_forward.w3": (H, D)}
-    for kind, shape in per_layer.items():
-        shapes.update({name: shape for name in _per_layer(args.n_layers, kind)})
-    return shapes
-
-
-def _file_order(args: ModelArgs, version: int, shared: bool) -> tuple[list[str], list[str]]:
-    """(fp32 tensor names, Q8_0 tensor names) in file order. "Per layer" blocks hold all layers of one kind."""
-    L = args.n_layers
-    norms = _per_layer(L, "attention_norm") + _per_layer(L, "ffn_norm")
-    matrices = [name for kind in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-                for name in _per_layer(L, kind)]
-    classifier = [] if shared else ["output.weight"]
-    if version == 0:
-        att = matrices[: 4 * L]
-        ffn = matrices[4 * L :]
-        order = (["tok_embeddings.weight", *_per_layer(L, "attention_norm"), *att, *_per_layer(L, "ffn_norm"), *ffn,
-                  "norm.weight", "rope.cos", "rope.sin", *classifier])
-        return order, []
-    if version == 1:
-        return [*norms, "norm.weight", "tok_embeddings.weight", *matrices, *classifier], []
-    return [*norms, "norm.weight"], ["tok_embeddings.weight", *matrices, *classifier]
-
-
-def _expected_size(args: ModelArgs, version: int, shared: bool, group_size: int = 1) -> int:
-    shapes = _tensor_shapes(args)
-    fp32, q80 = _file_order(args, version, shared)
-    size = V0_HEADER_BYTES if version == 0 else HEADER_BYTES
-    size += sum(4 * int(np.prod(shapes[name])) for name in fp32)
-    size += sum(n + 4 * (n // group_size) for n in (int(np.prod(shapes[name])) for name in q80))
-    return size
-
-
-def pick_group_size(dim: int, hidden_dim: int) -> int:
-    """The largest Q8_0 group size that divides dim, and whose groups cross w2's rows (hidden_dim
-    long) at most in halves of 32 (hidden_dim % min(gs, 32) == 0).
-
-    Groups run over each flattened tensor, so a group may straddle two rows of w2: llama2.c's
-    exporter picks 64 for the 42M shape (hidden_dim 1376 = 21.5 x 64), which its int8 matmul gets
-    wrong. run.c splits such groups at the row ends into groups of gcd(hidden_dim, gs) that keep
-    their scale (32 here: its VNNI kernel), so 64 pays off everywhere else: half the scale bytes.
-    """
-    return next(gs for gs in GROUP_SIZES if dim % gs == 0 and hidden_dim % min(gs, 32) == 0)
-
-
-# -----------------------------------------------------------------------------
-# Q8_0 quantization
-
-
-def quantize_q80(w, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 quantization per group of `group_size` consecutive values: w ~ q * scale.
-
-    Returns (int8 values with w's shape, fp32 scales of shape (numel // group_size,)).
-    """
-    w = w.detach().cpu().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, dtype=np.float32)
-    if w.size % group_size:
-        raise ValueError(f"{w.size} values do not split into groups of {group_size}")
-    groups = w.reshape(-1, group_size)
-    wmax = np.abs(groups).max(axis=1)
-    scale = wmax / np.float32(127.0)
-    # Of the (at most two) fp32 scales whose 127 * scale rounds to the same value, take the
-    # smaller. Without this, re-quantizing dequantized weights could pick the other one and
-    # an export -> load -> export round trip would not be byte-identical. It moves a scale by
-    # at most one ulp from llama2.c's wmax / 127.
-    lower = np.nextafter(scale, np.float32(0.0))
-    scale = np.where(lower * np.float32(127.0) == scale * np.float32(127.0), lower, scale).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1.0))  # all-zero groups quantize to zeros
-    q = np.clip(np.rint(groups / safe[:, None]), -127, 127).astype(np.int8)
-    return q.reshape(w.shape), scale
-
-
-def dequantize_q80(q: np.ndarray, scale: np.ndarray, group_size: int) -> np.ndarray:
-    """fp32 values q * scale, with q's shape."""
-    groups = q.reshape(-1, group_size).astype(np.float32) * scale.astype(np.float32)[:, None]
-    return groups.reshape(q.shape)
-
-
-# -----------------------------------------------------------------------------
-# writers
+# model.bin writers: the bytes are modelbin.py's; here, a Transformer becomes a header and numpy arrays
 
 
 def _fp32(t) -> np.ndarray:
@@ -153,95 +53,41 @@ def _fp32(t) -> np.ndarray:
 
 def _export_state(model: Transformer) -> tuple[ModelArgs, dict, bool]:
     """The model's shape (hidden_dim taken from the weights), its fp32 tensors, and whether the classifier is shared."""
-    a = model.args
     hidden_dim = model.layers[0].feed_forward.w1.weight.shape[0]
-    args = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
-                     vocab_size=a.vocab_size, hidden_dim=hidden_dim, multiple_of=a.multiple_of,
-                     norm_eps=a.norm_eps, max_seq_len=a.max_seq_len)
+    args = dataclasses.replace(model.args, hidden_dim=hidden_dim)
     tensors = {name: _fp32(t) for name, t in model.state_dict().items()}
-    # The RoPE tables of v0 files, computed as llama2.c's precompute_freqs_cis does.
-    cos, sin = rope_tables(args.head_dim, args.max_seq_len)
-    tensors["rope.cos"], tensors["rope.sin"] = cos.numpy(), sin.numpy()
     return args, tensors, model.shares_classifier
 
 
-def _header_ints(args: ModelArgs, vocab_size: int) -> bytes:
-    return struct.pack("<7i", args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads,
-                       vocab_size, args.max_seq_len)
-
-
-class _AtomicFile:
-    """Write to PATH.tmp, then rename over PATH: a crash never leaves a half-written file at PATH."""
-
-    def __init__(self, path):
-        self.path = os.fspath(path)
-        self.tmp = f"{self.path}.tmp{os.getpid()}"
-
-    def __enter__(self):
-        self.f = open(self.tmp, "wb")
-        return self.f
-
-    def __exit__(self, exc_type, exc, tb):
-        self.f.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.unlink(self.tmp)
+def _write_model_bin(model: Transformer, path, version: int, group_size: int | None = None) -> float:
+    args, tensors, shared = _export_state(model)
+    if version == 0:
+        # the RoPE tables as llama2.c's precompute_freqs_cis makes them, so a re-export is byte-identical
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        tensors["rope.cos"], tensors["rope.sin"] = cos.numpy(), sin.numpy()
+    if version != 2:
+        group_size = 0
+    elif group_size is None:
+        group_size = pick_group_size(args.dim, args.hidden_dim)
+    header = Header(version, args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads,
+                    args.vocab_size, args.max_seq_len, shared_classifier=shared, group_size=group_size,
+                    norm_eps=args.norm_eps, rope_theta=args.rope_theta)
+    return modelbin.write_model(path, header, tensors)
 
 
 def write_v0(model: Transformer, path) -> None:
     """Legacy llama2.c layout: 7-int header (negative vocab_size: unshared classifier), fp32 weights, RoPE tables."""
-    args, tensors, shared = _export_state(model)
-    order, _ = _file_order(args, 0, shared)
-    with _AtomicFile(path) as f:
-        f.write(_header_ints(args, args.vocab_size if shared else -args.vocab_size))
-        for name in order:
-            f.write(tensors[name].tobytes())
-
-
-def _v12_header(args: ModelArgs, version: int, shared: bool, group_size: int | None = None) -> bytes:
-    header = struct.pack("<Ii", MAGIC, version) + _header_ints(args, args.vocab_size) + struct.pack("<B", shared)
-    if group_size is not None:
-        header += struct.pack("<i", group_size)  # at byte offset 37, unaligned, as llama2.c writes it
-    return header + b"\0" * (HEADER_BYTES - len(header))
+    _write_model_bin(model, path, 0)
 
 
 def write_v1(model: Transformer, path) -> None:
-    """fp32 weights after a 256-byte header (magic, version 1, 7 ints, shared-classifier flag)."""
-    args, tensors, shared = _export_state(model)
-    order, _ = _file_order(args, 1, shared)
-    with _AtomicFile(path) as f:
-        f.write(_v12_header(args, 1, shared))
-        for name in order:
-            f.write(tensors[name].tobytes())
+    """fp32 weights after a 256-byte header."""
+    _write_model_bin(model, path, 1)
 
 
-def write_v2(model: Transformer, path, group_size: int | None = None, verbose: bool = False) -> float:
-    """Q8_0: fp32 norms, then each matrix as int8 values followed by its fp32 scales.
-
-    Returns the worst quantization error, max |w - dequant(quant(w))| over all tensors.
-    """
-    args, tensors, shared = _export_state(model)
-    if group_size is None:
-        group_size = pick_group_size(args.dim, args.hidden_dim)
-    elif group_size <= 0 or args.dim % group_size:
-        raise ValueError(f"group size {group_size} must be positive and divide dim {args.dim} "
-                         "(every quantized tensor has dim as a factor)")
-    fp32, q80 = _file_order(args, 2, shared)
-    worst = 0.0
-    with _AtomicFile(path) as f:
-        f.write(_v12_header(args, 2, shared, group_size))
-        for name in fp32:
-            f.write(tensors[name].tobytes())
-        for name in q80:
-            q, scale = quantize_q80(tensors[name], group_size)
-            err = float(np.abs(tensors[name] - dequantize_q80(q, scale, group_size)).max())
-            worst = max(worst, err)
-            if verbose:
-                print(f"quantized {name} {tensors[name].shape} to Q8_0, max error {err:.3g}")
-            f.write(q.tobytes())
-            f.write(scale.tobytes())
-    return worst
+def write_v2(model: Transformer, path, group_size: int | None = None) -> float:
+    """Q8_0 (default group size: pick_group_size). Returns the worst quantization error, max |w - dequant(quant(w))|."""
+    return _write_model_bin(model, path, 2, group_size)
 
 
 def _permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -264,7 +110,7 @@ HF_LAYER_NAMES = {
 
 
 def _write_json(path: Path, obj) -> None:
-    with _AtomicFile(path) as f:
+    with atomic_write(path) as f:
         f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
@@ -346,7 +192,7 @@ def write_hf(model: Transformer, out_dir, tokenizer_model=None) -> None:
         "vocab_size": a.vocab_size,
         "max_position_embeddings": a.max_seq_len,
         "tie_word_embeddings": shared,
-        "rope_theta": 10000.0,
+        "rope_theta": a.rope_theta,
         "rope_scaling": None,
         "attention_bias": False,
         "mlp_bias": False,
@@ -368,9 +214,9 @@ def write_hf(model: Transformer, out_dir, tokenizer_model=None) -> None:
     if sp is not None:
         pieces = {role: sp.id_to_piece(i) for role, i in
                   (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())) if i >= 0}
-        with _AtomicFile(out / "tokenizer.model") as f, open(tokenizer_model, "rb") as src:
+        with atomic_write(out / "tokenizer.model") as f, open(tokenizer_model, "rb") as src:
             shutil.copyfileobj(src, f)
-        with _AtomicFile(out / "tokenizer.json") as f:
+        with atomic_write(out / "tokenizer.json") as f:
             f.write(_tokenizer_json(sp).encode())
         _write_json(out / "special_tokens_map.json", pieces)
         _write_json(out / "tokenizer_config.json", {
@@ -463,7 +309,7 @@ def write_gguf(model: Transformer, path, tokenizer_model=None, outtype: str = "f
         w.add_head_count(args.n_heads)
         w.add_head_count_kv(args.n_kv_heads)
         w.add_rope_dimension_count(args.head_dim)
-        w.add_rope_freq_base(10000.0)
+        w.add_rope_freq_base(args.rope_theta)
         w.add_layer_norm_rms_eps(args.norm_eps)
         w.add_vocab_size(args.vocab_size)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.ALL_F32)
@@ -521,38 +367,11 @@ def export(model: Transformer, path, version, **kwargs):
 
 
 def _build_model(args: ModelArgs, sd: dict, shared: bool | None, source) -> Transformer:
-    """A Transformer holding the weights in `sd` (fp32). shared=None: tie the classifier if it equals the embedding."""
-    sd = dict(sd)
-    if "output.weight" not in sd:
-        shared = True
-    elif shared is None:
-        shared = torch.equal(sd["output.weight"], sd["tok_embeddings.weight"])
-    if shared:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    # A big model is built on the meta device and given the weights directly: a random init that
-    # the weights overwrite takes seconds at 110M params and grows with size. (Not for small ones:
-    # the meta device's first use imports torch._dynamo, about as slow as a 100M init.)
-    n_params = sum(t.numel() for t in sd.values())
-    with torch.device("meta" if n_params > META_INIT_PARAMS else "cpu"):
-        model = Transformer(args)
-    if not shared:
-        model.untie_classifier()
+    """Transformer.from_state_dict, with `source` named in the error when the weights do not fit."""
     try:
-        model.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:3])
-        raise ModelFileError(f"{source}: weights do not fit a Llama model of shape {args}: {detail}") from None
-    if shared:
-        model.output.weight = model.tok_embeddings.weight
-    model.rope_cos, model.rope_sin = rope_tables(args.head_dim, args.max_seq_len)
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
-        # model.py gained a buffer this function does not know: take the slow, always-right way.
-        model = Transformer(args)
-        if not shared:
-            model.untie_classifier()
-        model.load_state_dict(sd, strict=True)
-    return model.eval()
+        return Transformer.from_state_dict(args, sd, shared)
+    except ValueError as e:
+        raise ModelFileError(f"{source}: {e}") from None
 
 
 def _model_args(source, **fields) -> ModelArgs:
@@ -562,126 +381,23 @@ def _model_args(source, **fields) -> ModelArgs:
         raise ModelFileError(f"{source}: invalid model shape ({e})") from None
 
 
-def read_model_bin(path) -> tuple[ModelArgs, dict, dict]:
-    """Read a llama2.c model.bin of any version.
-
-    Returns (ModelArgs, state_dict of fp32 tensors named as Transformer's, info), where info
-    holds version, shared_classifier, group_size (v2, else None) and, for v0, the file's
-    RoPE tables rope_cos/rope_sin (unused: our model recomputes them).
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ModelFileError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise ModelFileError(f"{path}: not a regular file")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ModelFileError(f"{path}: empty file, not a llama2.c model.bin")
-    if size < V0_HEADER_BYTES:
-        raise ModelFileError(f"{path}: only {size} bytes, too short for a llama2.c model.bin header")
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-
-    magic, version = struct.unpack_from("<Ii", data, 0)
-    group_size = None
-    if magic == MAGIC:
-        if version not in (1, 2):
-            raise ModelFileError(f"{path}: unsupported model.bin version {version} (expected 1 or 2)")
-        if size < HEADER_BYTES:
-            raise ModelFileError(f"{path}: only {size} bytes, too short for a {HEADER_BYTES}-byte v{version} header")
-        values = dict(zip(HEADER_FIELDS, struct.unpack_from("<7i", data, 8), strict=True))
-        shared_flag = int(data[36])
-        if shared_flag not in (0, 1):
-            raise ModelFileError(f"{path}: shared-classifier flag is {shared_flag}, expected 0 or 1")
-        shared = bool(shared_flag)
-        if version == 2:
-            (group_size,) = struct.unpack_from("<i", data, 37)
-        offset = HEADER_BYTES
-    else:
-        version = 0
-        values = dict(zip(HEADER_FIELDS, struct.unpack_from("<7i", data, 0), strict=True))
-        shared = values["vocab_size"] > 0  # legacy: negative vocab_size = unshared classifier at the end
-        values["vocab_size"] = abs(values["vocab_size"])
-        offset = V0_HEADER_BYTES
-
-    for name, value in values.items():
-        if not 0 < value <= MAX_HEADER[name]:
-            what = "wrong magic or corrupt header" if version == 0 else "corrupt header"
-            raise ModelFileError(f"{path}: header {name} = {value} is out of range ({what}; "
-                                 f"not a llama2.c model.bin?)")
-    args = _model_args(path, dim=values["dim"], hidden_dim=values["hidden_dim"], n_layers=values["n_layers"],
-                       n_heads=values["n_heads"], n_kv_heads=values["n_kv_heads"],
-                       vocab_size=values["vocab_size"], max_seq_len=values["seq_len"])
-    if version == 2:
-        if group_size <= 0 or args.dim % group_size:
-            raise ModelFileError(f"{path}: group size {group_size} does not divide dim {args.dim} "
-                                 "(every quantized tensor has dim as a factor)")
-    expected = _expected_size(args, version, shared, group_size or 1)
-    if size != expected:
-        problem = "truncated" if size < expected else "has trailing bytes"
-        raise ModelFileError(f"{path}: file is {size} bytes but its v{version} header describes a model of "
-                             f"{expected} bytes ({problem}, or the header is wrong)")
-
-    shapes = _tensor_shapes(args)
-    fp32, q80 = _file_order(args, version, shared)
-    sd, info = {}, {"version": version, "shared_classifier": shared, "group_size": group_size}
-    for name in fp32:
-        count = int(np.prod(shapes[name]))
-        arr = np.frombuffer(data, dtype="<f4", count=count, offset=offset).reshape(shapes[name])
-        offset += 4 * count
-        if name.startswith("rope."):
-            info[name.replace(".", "_")] = arr.copy()
-        else:
-            sd[name] = torch.from_numpy(arr.copy())
-    for name in q80:
-        count = int(np.prod(shapes[name]))
-        q = np.frombuffer(data, dtype=np.int8, count=count, offset=offset).reshape(shapes[name])
-        offset += count
-        scale = np.frombuffer(data, dtype="<f4", count=count // group_size, offset=offset)
-        offset += 4 * (count // group_size)
-        sd[name] = torch.from_numpy(dequantize_q80(q, scale, group_size))
-    if shared:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    return args, sd, info
-
-
 def load_model_bin(path) -> Transformer:
     """A Transformer from a llama2.c model.bin (v0, v1, v2; v2 is dequantised to fp32)."""
-    args, sd, info = read_model_bin(path)
-    return _build_model(args, sd, info["shared_classifier"], path)
+    return Transformer.from_bin(path)
 
 
 def _torch_load(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except Exception as e:  # noqa: BLE001 - any failure here means "not a checkpoint we can read"
-        lines = str(e).strip().splitlines()
-        detail = f"{type(e).__name__}: {lines[0] if lines else ''}".strip()
-        raise ModelFileError(f"{path}: cannot load as a PyTorch checkpoint ({detail})") from None
-
-
-def _strip_prefixes(name: str) -> str:
-    """Undo the prefixes torch.compile ("_orig_mod.") and DistributedDataParallel ("module.") add."""
-    while name.startswith(("_orig_mod.", "module.")):
-        name = name.removeprefix("_orig_mod.").removeprefix("module.")
-    return name
+        return checkpoint.torch_load(path)
+    except checkpoint.CheckpointError as e:
+        raise ModelFileError(str(e)) from None
 
 
 def _load_training_checkpoint(path) -> Transformer:
-    ckpt = _torch_load(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ModelFileError(f"{path}: not a training checkpoint (expected a dict with 'model' and 'model_args')")
-    if not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["model"], dict):
-        raise ModelFileError(f"{path}: 'model' and 'model_args' of the checkpoint must be dicts")
-    fields = set(ModelArgs.__dataclass_fields__)
-    margs = {k: v for k, v in ckpt["model_args"].items() if k in fields}
-    sd = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
-    # Non-weight buffers older code kept in its state_dict (RoPE tables): recomputed, so dropped.
-    sd = {k: v.float() for k, v in sd.items() if k not in ("freqs_cos", "freqs_sin", "rope_cos", "rope_sin")}
-    if "tok_embeddings.weight" not in sd or "layers.0.feed_forward.w1.weight" not in sd:
-        raise ModelFileError(f"{path}: checkpoint's 'model' holds no Llama weights")
-    margs.setdefault("hidden_dim", sd["layers.0.feed_forward.w1.weight"].shape[0])
-    margs.setdefault("vocab_size", sd["tok_embeddings.weight"].shape[0])
-    return _build_model(_model_args(path, **margs), sd, None, path)
+    try:
+        return checkpoint.load_model(path)
+    except checkpoint.CheckpointError as e:
+        raise ModelFileError(str(e)) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -718,7 +434,8 @@ def _load_meta(model_dir: Path) -> Transformer:
     try:
         n_heads = params["n_heads"]
         fields = dict(dim=params["dim"], n_layers=params["n_layers"], n_heads=n_heads,
-                      n_kv_heads=params.get("n_kv_heads") or n_heads, norm_eps=params.get("norm_eps", 1e-5))
+                      n_kv_heads=params.get("n_kv_heads") or n_heads, norm_eps=params.get("norm_eps", 1e-5),
+                      rope_theta=params.get("rope_theta", 10000.0))
         # vocab_size may be -1, and ffn_dim_multiplier changes hidden_dim: both are read from the tensors.
         fields["vocab_size"] = sd["tok_embeddings.weight"].shape[0]
         fields["hidden_dim"] = sd["layers.0.feed_forward.w1.weight"].shape[0]
@@ -738,13 +455,12 @@ def _load_hf(model_dir: Path) -> Transformer:
         fields = dict(dim=D, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                       n_kv_heads=cfg.get("num_key_value_heads") or n_heads, hidden_dim=cfg["intermediate_size"],
                       vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                      max_seq_len=cfg.get("max_position_embeddings", 2048))
+                      rope_theta=cfg.get("rope_theta", 10000.0), max_seq_len=cfg.get("max_position_embeddings", 2048))
     except KeyError as e:
         raise ModelFileError(f"{model_dir}/config.json: missing {e}") from None
-    # Our model hard-codes these; refuse rather than silently computing something else.
-    if cfg.get("rope_theta", 10000.0) != 10000.0 or cfg.get("rope_scaling"):
-        raise ModelFileError(f"{model_dir}: rope_theta {cfg.get('rope_theta')} / rope_scaling "
-                             f"{cfg.get('rope_scaling')} are not supported (only plain RoPE with theta 10000)")
+    # Our model has none of these; refuse rather than silently computing something else.
+    if cfg.get("rope_scaling"):
+        raise ModelFileError(f"{model_dir}: rope_scaling {cfg.get('rope_scaling')} is not supported (only plain RoPE)")
     if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("head_dim", D // n_heads) != D // n_heads:
         raise ModelFileError(f"{model_dir}: biases or a custom head_dim are not supported")
     args = _model_args(model_dir, **fields)

@@ -12,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import modelbin
+
+META_INIT_PARAMS = 50_000_000  # from_state_dict builds models larger than this without a random init first
+
 
 @dataclass
 class ModelArgs:
@@ -23,6 +27,7 @@ class ModelArgs:
     hidden_dim: int | None = None  # None: derived from dim and multiple_of, as in Llama 2
     multiple_of: int = 32
     norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # RoPE base: pair i of a head turns by position * rope_theta^(-2i/head_dim)
     max_seq_len: int = 256
     dropout: float = 0.0
 
@@ -41,6 +46,9 @@ class ModelArgs:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head size {self.dim // self.n_heads} must be even for rotary embeddings")
+        for name in ("norm_eps", "rope_theta"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)}")
 
     @property
     def head_dim(self) -> int:
@@ -156,7 +164,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.output.weight = self.tok_embeddings.weight  # tied classifier, as llama2.c trains it
 
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -243,11 +251,52 @@ class Transformer(nn.Module):
         return torch.cat([tokens] + [t[:, None] for t in new], dim=1)
 
     @classmethod
-    def from_bin(cls, path: str) -> "Transformer":
-        """Load any llama2.c model.bin (v0, v1, v2; v2 is dequantised)."""
-        from export import load_model_bin  # export.py owns the file formats
+    def from_state_dict(cls, args: ModelArgs, sd: dict, shared: bool | None = None) -> "Transformer":
+        """A model in eval mode holding the fp32 weights of `sd`, named as state_dict() names them.
 
-        return load_model_bin(path)
+        shared=None: tie the classifier if output.weight equals the embedding (or is absent).
+        Raises ValueError when the weights do not fit `args`.
+        """
+        sd = dict(sd)
+        if "output.weight" not in sd:
+            shared = True
+        elif shared is None:
+            shared = torch.equal(sd["output.weight"], sd["tok_embeddings.weight"])
+        if shared:
+            sd["output.weight"] = sd["tok_embeddings.weight"]
+        # A big model is built on the meta device and given the weights directly: a random init that
+        # the weights overwrite takes seconds at 110M params and grows with size. (Not for small ones:
+        # the meta device's first use imports torch._dynamo, about as slow as a 100M init.)
+        n_params = sum(t.numel() for t in sd.values())
+        with torch.device("meta" if n_params > META_INIT_PARAMS else "cpu"):
+            model = cls(args)
+        if not shared:
+            model.untie_classifier()
+        try:
+            model.load_state_dict(sd, strict=True, assign=True)
+        except RuntimeError as e:
+            detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])
+            raise ValueError(f"weights do not fit a Llama model of shape {args}: {detail}") from None
+        if shared:
+            model.output.weight = model.tok_embeddings.weight
+        model.rope_cos, model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+            # a buffer this function does not know about: take the slow, always-right way
+            model = cls(args)
+            if not shared:
+                model.untie_classifier()
+            model.load_state_dict(sd, strict=True)
+        return model.eval()
+
+    @classmethod
+    def from_bin(cls, path) -> "Transformer":
+        """Load any llama2.c model.bin (v0, v1, v2; v2 is dequantised). Bad files raise modelbin.FormatError."""
+        h, tensors = modelbin.read_model(path)
+        args = ModelArgs(dim=h.dim, n_layers=h.n_layers, n_heads=h.n_heads, n_kv_heads=h.n_kv_heads,
+                         vocab_size=h.vocab_size, hidden_dim=h.hidden_dim, norm_eps=h.norm_eps,
+                         rope_theta=h.rope_theta, max_seq_len=h.seq_len)
+        sd = {name: torch.from_numpy(t) for name, t in tensors.items() if not name.startswith("rope.")}
+        return cls.from_state_dict(args, sd, h.shared_classifier)
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

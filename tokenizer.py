@@ -2,7 +2,7 @@
 
     python tokenizer.py -t path/to/tok.model     # writes path/to/tok.bin beside it
 
-tokenizer.bin layout (see ../shared/FORMATS.md): int32 max_token_length, then for
+tokenizer.bin layout (see docs/formats.md): int32 max_token_length, then for
 every id: float32 score, int32 byte length, the piece's bytes. BOS/EOS are stored
 as "\\n<s>\\n" / "\\n</s>\\n" and SentencePiece's "▁" as a plain space, exactly as
 llama2.c's exporter writes them, so our files are byte-identical to theirs.
@@ -10,12 +10,17 @@ llama2.c's exporter writes them, so our files are byte-identical to theirs.
 
 import argparse
 import os
-import struct
 import sys
 
 from sentencepiece import SentencePieceProcessor
 
+import modelbin
+from atomicfile import WriteError
+
 DEFAULT_MODEL = "tokenizer.model"  # the Llama 2 tokenizer, as llama2.c ships it
+# <s> and </s> in the Llama 2 vocabulary and in every vocabulary tinystories.py trains; what llama2.c's
+# runtimes assume. Only for ids with no tokenizer at hand: otherwise ask Tokenizer.bos_id / eos_id.
+LLAMA2_BOS_ID, LLAMA2_EOS_ID = 1, 2
 
 
 class TokenizerError(ValueError):
@@ -59,14 +64,7 @@ class Tokenizer:
             out_path = os.path.splitext(self.model_path)[0] + ".bin"
         pieces = [self.piece_bytes(i) for i in range(self.n_words)]
         scores = [self.sp.get_score(i) for i in range(self.n_words)]
-        chunks = [struct.pack("<I", max(len(p) for p in pieces))]
-        for piece, score in zip(pieces, scores, strict=True):
-            chunks.append(struct.pack("<fI", score, len(piece)))
-            chunks.append(piece)
-        tmp = out_path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(b"".join(chunks))
-        os.replace(tmp, out_path)
+        modelbin.write_tokenizer(out_path, pieces, scores)
         return out_path
 
 
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         out = Tokenizer(args.tokenizer_model).export_bin(args.output)
-    except TokenizerError as e:
+    except (TokenizerError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import export  # noqa: E402
+import model as model_py
+import modelbin
 from export import ModelFileError  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from tests.common import ROOT, SHARED
@@ -73,14 +75,14 @@ def test_fp32_round_trip_is_exact(tmp_path, version, untied):
     assert loaded.shares_classifier == (not untied)
     x = tokens_for(model)
     assert torch.equal(logits(loaded, x), logits(model, x))
-    args, sd, info = export.read_model_bin(path)
-    assert info["version"] == version and info["shared_classifier"] == (not untied) and info["group_size"] is None
+    header = modelbin.read_header(path)
+    assert header.version == version and header.shared_classifier == (not untied) and header.group_size == 0
 
 
 @pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
 def test_big_model_load_path(tmp_path, monkeypatch, untied):
     # Models over META_INIT_PARAMS are built on the meta device, skipping the random init.
-    monkeypatch.setattr(export, "META_INIT_PARAMS", 0)
+    monkeypatch.setattr(model_py, "META_INIT_PARAMS", 0)
     model = random_model(untied=untied)
     export.write_v1(model, tmp_path / "m.bin")
     loaded = export.load_model_bin(tmp_path / "m.bin")
@@ -98,16 +100,19 @@ def test_v2_round_trip_within_quantization_error(tmp_path, untied):
     err = export.write_v2(model, path)
     assert 0 < err < 1e-3
 
-    args, sd, info = export.read_model_bin(path)
-    assert info["version"] == 2 and info["group_size"] == 4  # hidden_dim 172 = 4 * 43
+    header, sd = modelbin.read_model(path)
+    assert header.version == 2 and header.group_size == 4  # hidden_dim 172 = 4 * 43
     # The file's weights are exactly the dequantised Q8_0 of ours, and no further than err from them.
     for name, w in model.state_dict().items():
-        if name.endswith("norm.weight"):
-            assert torch.equal(sd[name], w)
+        if name == "output.weight" and not untied:
             continue
-        q, scale = export.quantize_q80(w, 4)
-        assert torch.equal(sd[name], torch.from_numpy(export.dequantize_q80(q, scale, 4)))
-        assert (sd[name] - w).abs().max().item() <= err
+        w = w.numpy()
+        if name.endswith("norm.weight"):
+            assert np.array_equal(sd[name], w)
+            continue
+        q, scale = modelbin.quantize_q80(w, 4)
+        assert np.array_equal(sd[name], modelbin.dequantize_q80(q, scale, 4))
+        assert np.abs(sd[name] - w).max() <= err
 
     # Bound on the logits: each weight moves by at most err, so a matmul output moves by at most
     # err * ||x||_1 <= err * sqrt(fan_in) * ||x||_2; RMSNorm keeps ||x||_2 ~ sqrt(dim) * (norm weight, 1 here)
@@ -124,24 +129,21 @@ def test_v2_group_size_may_straddle_w2_rows_in_halves(tmp_path, capsys):
     # groups run over the flattened tensor: with hidden_dim 96 a group of 64 straddles two rows
     # of w2 (96 = 1.5 x 64), which run.c handles in halves of 32; 172 would need quarters of 4.
     model = random_model(dim=64, hidden_dim=96, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=32)
-    assert export.pick_group_size(64, 96) == 64
-    assert export.pick_group_size(512, 1376) == 64  # the 42M shape, as llama2.c picks it
-    assert export.pick_group_size(64, 172) == 4  # the stories260K shape
-    assert export.pick_group_size(288, 768) == 32 and export.pick_group_size(768, 2048) == 64
+    assert modelbin.pick_group_size(64, 96) == 64
     path = tmp_path / "m.bin"
     export.write_v2(model, path)
     assert struct.unpack_from("<i", path.read_bytes(), 37)[0] == 64
     # a straddling group dequantizes with one scale across the row end
-    args, sd, info = export.read_model_bin(path)
+    _, sd = modelbin.read_model(path)
     w2 = model.layers[0].feed_forward.w2.weight.detach().numpy()
     group = w2.reshape(-1)[64:128]  # row 0's last 32 values and row 1's first 32
-    assert np.allclose(sd["layers.0.feed_forward.w2.weight"].numpy().reshape(-1)[64:128], group,
+    assert np.allclose(sd["layers.0.feed_forward.w2.weight"].reshape(-1)[64:128], group,
                        atol=np.abs(group).max() / 127)
     export.write_v2(model, path, group_size=16)
-    assert export.read_model_bin(path)[2]["group_size"] == 16
+    assert modelbin.read_header(path).group_size == 16
     with pytest.raises(ValueError, match="group size 48"):
         export.write_v2(model, path, group_size=48)
-    assert export.read_model_bin(path)[2]["group_size"] == 16  # the failed export left the old file alone
+    assert modelbin.read_header(path).group_size == 16  # the failed export left the old file alone
 
 
 @pytest.mark.parametrize("version", [0, 1, 2])
@@ -153,18 +155,9 @@ def test_export_read_export_is_byte_identical(tmp_path, version, untied):
     assert first.read_bytes() == second.read_bytes()
 
 
-def test_quantize_q80_basics():
-    w = np.array([[0.0, 0.0, 0.0, 0.0], [1.0, -0.5, 0.25, 0.0]], dtype=np.float32)
-    q, scale = export.quantize_q80(w, 4)
-    assert q.dtype == np.int8 and scale.dtype == np.float32 and q.shape == w.shape
-    assert q[0].tolist() == [0, 0, 0, 0] and scale[0] == 0  # an all-zero group does not divide by zero
-    assert q[1].tolist() == [127, -64, 32, 0]  # -63.5 rounds half to even
-    assert np.abs(export.dequantize_q80(q, scale, 4) - w).max() <= scale[1] / 2
-
-
 def test_export_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "m.bin"
-    quantize, calls = export.quantize_q80, []
+    quantize, calls = modelbin.quantize_q80, []
 
     def crashing_quantize(w, group_size):
         calls.append(1)
@@ -172,10 +165,41 @@ def test_export_is_atomic(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash mid-export")
         return quantize(w, group_size)
 
-    monkeypatch.setattr(export, "quantize_q80", crashing_quantize)
+    monkeypatch.setattr(modelbin, "quantize_q80", crashing_quantize)
     with pytest.raises(RuntimeError, match="simulated"):
         export.write_v2(random_model(), path)
     assert list(tmp_path.iterdir()) == []  # neither a half file at OUTPUT nor a leftover temporary
+
+
+# -----------------------------------------------------------------------------
+# norm_eps and rope_theta (v1/v2 header bytes 64 and 72)
+
+
+def test_norm_eps_and_rope_theta_round_trip(tmp_path):
+    model = random_model(seed=6, untied=True, **SHAPE_260K, norm_eps=1e-6, rope_theta=500000.0)
+    x = tokens_for(model)
+    ref = logits(model, x)
+    # both values change the logits, so a reader that dropped them would fail below
+    for field, default in (("norm_eps", 1e-5), ("rope_theta", 10000.0)):
+        other = Transformer.from_state_dict(dataclasses.replace(model.args, **{field: default}), model.state_dict())
+        assert not torch.equal(logits(other, x), ref), field
+    for version in (1, 2):
+        path = tmp_path / f"v{version}.bin"
+        export.export(model, path, version)
+        loaded = Transformer.from_bin(str(path))
+        # multiple_of only derives hidden_dim, which the file stores
+        assert dataclasses.replace(loaded.args, multiple_of=4) == model.args
+        if version == 1:
+            assert torch.equal(logits(loaded, x), ref)
+    with pytest.raises(ModelFileError, match="--version 1"):
+        export.write_v0(model, tmp_path / "v0.bin")
+    assert not (tmp_path / "v0.bin").exists()
+
+    pytest.importorskip("safetensors")
+    export.write_hf(model, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_theta"] == 500000.0
+    back = export.load_checkpoint(tmp_path / "hf")
+    assert (back.args.norm_eps, back.args.rope_theta) == (1e-6, 500000.0) and torch.equal(logits(back, x), ref)
 
 
 # -----------------------------------------------------------------------------
@@ -320,8 +344,8 @@ def test_stories260k_reexport(tmp_path):
             assert torch.equal(again, ref)
     # v0 is byte-identical to the original, RoPE tables included: they are recomputed exactly as
     # llama2.c's precompute_freqs_cis does (fp32 frequencies, cos/sin on CPU), which is how this file was made.
-    _, _, info = export.read_model_bin(STORIES260K)
-    assert info["rope_cos"].shape == (512, 4)
+    _, tensors = modelbin.read_model(STORIES260K)
+    assert tensors["rope.cos"].shape == (512, 4)
     assert (tmp_path / "v0.bin").read_bytes() == original
 
 
@@ -405,7 +429,7 @@ def _check_error(case, cases, code, stderr):
     assert len(lines) == 1, stderr
     assert lines[0].startswith("error: ") and str(named) in lines[0] and expect in lines[0], lines[0]
     if case == "output_is_input":
-        export.read_model_bin(inp)  # untouched
+        modelbin.read_header(inp)  # untouched
     else:
         assert not out.exists()
 
