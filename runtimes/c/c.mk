@@ -32,15 +32,22 @@ librun.so: $(RUN_C)
 	rm -f librun.o
 # libFuzzer (clang): model and tokenizer loaders, FUZZ_SECONDS each (findings: docs/fuzzing.md)
 FUZZ_C = runtimes/c/fuzz_run.c
+# Seeds, written by modelbin: a tiny model in every layout (v0 with and without a shared
+# classifier, v1, v1 with norm_eps and rope_theta set, v2 at group sizes 8 and 4), and a
+# 300-piece tokenizer after the two bytes that give the harness its vocab_size (3 + 297).
+FUZZ_SEEDS = import modelbin as mb, pathlib; c = (8, 16, 1, 2, 1, 8, 4); \
+	models = dict(v0=mb.Header(0, *c), v0u=mb.Header(0, *c, shared_classifier=False), v1=mb.Header(1, *c), \
+		v1e=mb.Header(1, *c, norm_eps=1e-6, rope_theta=5e5), v2=mb.Header(2, *c, group_size=8), \
+		v2g4=mb.Header(2, *c, group_size=4)); \
+	[mb.write_model(f'fuzz_corpus/model/seed_{n}', h, mb.random_tensors(h)) for n, h in models.items()]; \
+	pieces = [b'<unk>', b'<s>', b'</s>'] + [b'<0x%02X>' % i for i in range(256)] + [b' w%d' % i for i in range(41)]; \
+	mb.write_tokenizer('fuzz_corpus/tokenizer/t', pieces, [-float(i) for i in range(300)]); \
+	t = pathlib.Path('fuzz_corpus/tokenizer/t'); t.write_bytes(bytes([41, 1]) + t.read_bytes())
 fuzz: $(FUZZ_C) $(RUN_C) $(VENV_STAMP)
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -DFUZZ_MODEL -o fuzz_model $(FUZZ_C) -lm
 	clang -g -O1 -fsanitize=fuzzer,address,undefined -DFUZZ_TOKENIZER -o fuzz_tokenizer $(FUZZ_C) -lm
 	mkdir -p fuzz_corpus/model fuzz_corpus/tokenizer
-	PYTHONPATH=bench $(PY) -c "from bench_run import *; c = (8, 16, 1, 2, 1, 8, 4); \
-		write_v0('fuzz_corpus/model/seed_v0', c); write_v0('fuzz_corpus/model/seed_v0u', c, shared=False); \
-		write_v1('fuzz_corpus/model/seed_v1', c); write_v2('fuzz_corpus/model/seed_v2', c, gs=8); \
-		write_v2('fuzz_corpus/model/seed_v2g4', c, gs=4); write_tokenizer('fuzz_corpus/tokenizer/t', 300); \
-		import pathlib; p = pathlib.Path('fuzz_corpus/tokenizer/t'); p.write_bytes(bytes([41, 1]) + p.read_bytes())"
+	$(PY) -c "$(FUZZ_SEEDS)"
 	./fuzz_model -max_total_time=$(FUZZ_SECONDS) -max_len=4096 fuzz_corpus/model
 	./fuzz_tokenizer -max_total_time=$(FUZZ_SECONDS) -max_len=4096 fuzz_corpus/tokenizer
 clean::

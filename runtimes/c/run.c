@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -53,6 +54,7 @@ static void set_err(const char *fmt, ...) {
 
 static int32_t rd_i32(const unsigned char *p) { int32_t v; memcpy(&v, p, 4); return v; }
 static float rd_f32(const unsigned char *p) { float v; memcpy(&v, p, 4); return v; }
+static double rd_f64(const unsigned char *p) { double v; memcpy(&v, p, 8); return v; }
 
 static double now_s(void) {
     struct timespec ts;
@@ -65,6 +67,8 @@ static double now_s(void) {
 #define MODEL_MAGIC 0x616b3432u
 #define BOS 1
 #define EOS 2
+#define DEFAULT_NORM_EPS 1e-5 /* what a v0 file, or a 0 in the header, means */
+#define DEFAULT_ROPE_THETA 10000.0
 
 typedef struct {
     int dim;        /* D: residual stream width */
@@ -129,6 +133,8 @@ typedef struct {
     int version;    /* 0, 1 or 2 */
     int shared;     /* classifier shares the embedding */
     int gs;         /* Q8_0 group size (v2), 0 for fp32 */
+    double norm_eps;   /* RMSNorm's epsilon */
+    double rope_theta; /* RoPE's base: pair i of a head turns by pos / theta^(i/hs) */
     Weights w;
     RunState s;
     void *map;      /* mmap of the file (NULL when parsing a caller's buffer) */
@@ -253,59 +259,74 @@ static int straddled_w2_scales(Transformer *t) {
     return 0;
 }
 
-/* Parse a model held in memory (the mapped file, or a fuzzer's buffer). */
-static int parse_model(Transformer *t, const unsigned char *data, size_t size, const char *name) {
-    memset(&t->w, 0, sizeof t->w);
-    memset(&t->s, 0, sizeof t->s);
-    if (size == 0) { set_err("%s: file is empty", name); return -1; }
-    if (size < 28) { set_err("%s: file is %zu bytes, too short for a header", name, size); return -1; }
+/* --- the header: version 0 (llama2.c's legacy 28 bytes, no magic) or 1/2 (256 bytes) */
+
+static void read_header_v0(Transformer *t, const unsigned char *data) {
     Config *c = &t->c;
-    int hdr_ints = 0;
-    uint32_t magic;
-    memcpy(&magic, data, 4);
-    if (magic == MODEL_MAGIC) {
-        if (size < 256) { set_err("%s: file is %zu bytes, cut off inside the 256-byte header", name, size); return -1; }
-        t->version = rd_i32(data + 4);
-        if (t->version != 1 && t->version != 2) {
-            set_err("%s: unknown model.bin version %d (this runtime reads 0, 1 and 2)", name, t->version);
-            return -1;
-        }
-        hdr_ints = 2;
-        int flag = data[36];
-        if (flag > 1) { set_err("%s: bad header: shared_classifier flag is %d (must be 0 or 1)", name, flag); return -1; }
-        t->shared = flag;
-        t->gs = t->version == 2 ? rd_i32(data + 37) : 0; /* unaligned, hence rd_i32 */
-    } else {
-        t->version = 0;
-        hdr_ints = 0;
-        t->gs = 0;
-    }
     int *cv = &c->dim;
-    for (int i = 0; i < 7; i++) cv[i] = rd_i32(data + 4 * (hdr_ints + i));
-    if (t->version == 0) {
-        /* v0 has no magic: negative vocab means an unshared classifier at the end */
-        if (c->vocab_size == INT_MIN) c->vocab_size = 0;
-        t->shared = c->vocab_size > 0;
-        if (c->vocab_size < 0) c->vocab_size = -c->vocab_size;
+    for (int i = 0; i < 7; i++) cv[i] = rd_i32(data + 4 * i);
+    t->version = 0;
+    t->gs = 0;
+    /* v0 has no magic: negative vocab means an unshared classifier at the end */
+    if (c->vocab_size == INT_MIN) c->vocab_size = 0;
+    t->shared = c->vocab_size > 0;
+    if (c->vocab_size < 0) c->vocab_size = -c->vocab_size;
+    t->norm_eps = t->rope_theta = 0.0; /* no room for them: the defaults */
+}
+
+static int read_header_v12(Transformer *t, const unsigned char *data, size_t size, const char *name) {
+    if (size < 256) { set_err("%s: file is %zu bytes, cut off inside the 256-byte header", name, size); return -1; }
+    t->version = rd_i32(data + 4);
+    if (t->version != 1 && t->version != 2) {
+        set_err("%s: unknown model.bin version %d (this runtime reads 0, 1 and 2)", name, t->version);
+        return -1;
     }
+    int flag = data[36];
+    if (flag > 1) { set_err("%s: bad header: shared_classifier flag is %d (must be 0 or 1)", name, flag); return -1; }
+    t->shared = flag;
+    t->gs = t->version == 2 ? rd_i32(data + 37) : 0; /* unaligned, hence rd_i32 */
+    int *cv = &t->c.dim;
+    for (int i = 0; i < 7; i++) cv[i] = rd_i32(data + 8 + 4 * i);
+    t->norm_eps = rd_f64(data + 64);
+    t->rope_theta = rd_f64(data + 72);
+    return 0;
+}
+
+/* norm_eps or rope_theta: 0 means the default; NaN, infinities, negative numbers and
+ * numbers past float's range are refused. Judged on the bits, as -Ofast assumes no NaN/inf. */
+static int check_real(double *v, double def, const char *field, const char *name) {
+    uint64_t bits;
+    memcpy(&bits, v, 8);
+    const int nonfinite = (bits >> 52 & 0x7ff) == 0x7ff, negative = (bits >> 63) && (bits << 1);
+    if (nonfinite || negative || *v > FLT_MAX) {
+        set_err("%s: bad header: %s = %g (must be a finite number > 0, or 0 for the default)", name, field, *v);
+        return -1;
+    }
+    if (*v == 0.0) *v = def;
+    return 0;
+}
+
+/* Checks for every version: the shape, v2's group size, norm_eps and rope_theta,
+ * and the file size the header implies. */
+static int check_header(Transformer *t, size_t size, const char *name) {
+    Config *c = &t->c;
     if (check_config(c, name) < 0) {
-        if (t->version == 0 && magic != MODEL_MAGIC) {
-            /* no magic and no plausible v0 header: say both */
+        if (t->version == 0) { /* no magic and no plausible v0 header: say both */
             char tmp[sizeof err_msg];
             snprintf(tmp, sizeof tmp, "%s", err_msg);
             set_err("%s (no magic 0x%08x, read as version 0)", tmp, MODEL_MAGIC);
         }
         return -1;
     }
-    int D = c->dim, H = c->hidden_dim, kvD = c->n_kv_heads * (D / c->n_heads);
-    if (t->version == 2) {
-        /* every tensor has dim as a factor, so its groups tile it (w2's rows
-         * may still end mid-group when hidden_dim % gs != 0: see below) */
-        if (t->gs <= 0 || D % t->gs) {
-            set_err("%s: group size %d does not divide dim %d", name, t->gs, D);
-            return -1;
-        }
+    /* every tensor has dim as a factor, so its groups tile it (w2's rows may
+     * still end mid-group when hidden_dim % gs != 0: see straddled_w2_scales) */
+    if (t->version == 2 && (t->gs <= 0 || c->dim % t->gs)) {
+        set_err("%s: group size %d does not divide dim %d", name, t->gs, c->dim);
+        return -1;
     }
+    if (check_real(&t->norm_eps, DEFAULT_NORM_EPS, "norm_eps", name) < 0 ||
+        check_real(&t->rope_theta, DEFAULT_ROPE_THETA, "rope_theta", name) < 0)
+        return -1;
     uint64_t want = expected_size(c, t->version, t->shared, t->gs);
     if (want != size) {
         set_err("%s: file is %zu bytes but its version-%d header (dim %d, hidden_dim %d, n_layers %d, "
@@ -315,79 +336,148 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
                 (unsigned long long)want, size < want ? " (cut off?)" : "");
         return -1;
     }
+    return 0;
+}
 
-    /* point the weights into the buffer */
+/* --- the weights: pointers into the buffer, one function per layout */
+
+/* A layer's seven matrices in file order (wq wk wv wo w1 w2 w3): where they go, and their shapes. */
+typedef struct {
+    Mat *m[7];
+    uint64_t rows[7], cols[7];
+} Matrices;
+
+static Matrices matrices(Weights *w, const Config *c) {
+    const uint64_t D = c->dim, H = c->hidden_dim, kvD = (uint64_t)c->n_kv_heads * (D / c->n_heads);
+    return (Matrices){{w->wq, w->wk, w->wv, w->wo, w->w1, w->w2, w->w3},
+                      {D, kvD, kvD, D, H, D, H},
+                      {D, D, D, D, D, H, D}};
+}
+
+/* Sizes were checked against the header, so this is a bug here, not a bad file. */
+static int size_mismatch(const char *name) {
+    set_err("%s: internal size mismatch", name);
+    return -1;
+}
+
+/* fp32 (v0, v1): the embedding, the classifier after everything else (unless
+ * shared), and each layer's matrices cut from their kind's block of all layers. */
+static int point_f32(Transformer *t, Cursor *cur, const float *emb, const float *all[7], const char *name) {
     Weights *w = &t->w;
-    int L = c->n_layers, V = c->vocab_size, gs = t->gs;
+    Matrices ms = matrices(w, &t->c);
+    w->emb.f = emb;
+    if (t->shared) w->cls = w->emb;
+    else if (take_f32(cur, &w->cls.f, (uint64_t)t->c.vocab_size * t->c.dim) < 0) return size_mismatch(name);
+    for (int k = 0; k < 7; k++)
+        for (int l = 0; l < t->c.n_layers; l++) ms.m[k][l].f = all[k] + (size_t)l * ms.rows[k] * ms.cols[k];
+    return 0;
+}
+
+/* v0: embedding, rms_att, wq wk wv wo, rms_ffn, w1 w2 w3, final norm, RoPE tables (recomputed) */
+static int map_v0(Transformer *t, Cursor *cur, const char *name) {
+    const uint64_t D = t->c.dim, L = t->c.n_layers, V = t->c.vocab_size;
+    Weights *w = &t->w;
+    Matrices ms = matrices(w, &t->c);
+    const float *emb = NULL, *all[7], *rope = NULL;
+    int bad = take_f32(cur, &emb, V * D);
+    bad |= take_f32(cur, &w->rms_att, L * D);
+    for (int k = 0; k < 7; k++) {
+        if (k == 4) bad |= take_f32(cur, &w->rms_ffn, L * D);
+        bad |= take_f32(cur, &all[k], L * ms.rows[k] * ms.cols[k]);
+    }
+    bad |= take_f32(cur, &w->rms_final, D);
+    bad |= take_f32(cur, &rope, (uint64_t)t->c.seq_len * (D / t->c.n_heads / 2) * 2); /* unused */
+    return bad ? size_mismatch(name) : point_f32(t, cur, emb, all, name);
+}
+
+/* v1: the norms, embedding, then wq wk wv wo w1 w2 w3 (each all layers), fp32 */
+static int map_v1(Transformer *t, Cursor *cur, const char *name) {
+    const uint64_t D = t->c.dim, L = t->c.n_layers, V = t->c.vocab_size;
+    Weights *w = &t->w;
+    Matrices ms = matrices(w, &t->c);
+    const float *emb = NULL, *all[7];
+    int bad = take_f32(cur, &w->rms_att, L * D);
+    bad |= take_f32(cur, &w->rms_ffn, L * D);
+    bad |= take_f32(cur, &w->rms_final, D);
+    bad |= take_f32(cur, &emb, V * D);
+    for (int k = 0; k < 7; k++) bad |= take_f32(cur, &all[k], L * ms.rows[k] * ms.cols[k]);
+    return bad ? size_mismatch(name) : point_f32(t, cur, emb, all, name);
+}
+
+/* v2 (Q8_0): the fp32 norms, then each matrix as int8 values and their group
+ * scales: the embedding, wq..w3 layer by layer, the classifier unless shared */
+static int map_v2(Transformer *t, Cursor *cur, const char *name) {
+    const uint64_t D = t->c.dim, L = t->c.n_layers, V = t->c.vocab_size;
+    const int gs = t->gs;
+    Weights *w = &t->w;
+    Matrices ms = matrices(w, &t->c);
+    int bad = take_f32(cur, &w->rms_att, L * D);
+    bad |= take_f32(cur, &w->rms_ffn, L * D);
+    bad |= take_f32(cur, &w->rms_final, D);
+    int r = take_q(cur, &w->emb, V * D, gs);
+    for (int k = 0; k < 7 && !r; k++)
+        for (uint64_t l = 0; l < L && !r; l++) r = take_q(cur, &ms.m[k][l], ms.rows[k] * ms.cols[k], gs);
+    if (!r) {
+        if (t->shared) w->cls = w->emb;
+        else r = take_q(cur, &w->cls, V * D, gs);
+    }
+    if (r == -2) {
+        set_err("%s: group size %d leaves scales unaligned (unsupported)", name, gs);
+        return -1;
+    }
+    if (bad || r || cur->left) return size_mismatch(name);
+    if (t->c.hidden_dim % gs && straddled_w2_scales(t) < 0) {
+        set_err("%s: out of memory", name);
+        return -1;
+    }
+    return 0;
+}
+
+static int map_weights(Transformer *t, const unsigned char *data, size_t size, const char *name) {
+    Weights *w = &t->w;
+    const int L = t->c.n_layers;
     w->wq = calloc(7 * (size_t)L, sizeof(Mat));
     if (!w->wq) { set_err("%s: out of memory", name); return -1; }
     w->wk = w->wq + L; w->wv = w->wk + L; w->wo = w->wv + L;
     w->w1 = w->wo + L; w->w2 = w->w1 + L; w->w3 = w->w2 + L;
-    Cursor cur = {data + (t->version == 0 ? 28 : 256), size - (t->version == 0 ? 28 : 256)};
-    int bad = 0;
-    Mat *mats[7] = {w->wq, w->wk, w->wv, w->wo, w->w1, w->w2, w->w3};
-    uint64_t rows[7] = {D, kvD, kvD, D, H, D, H}, cols[7] = {D, D, D, D, D, H, D};
-    if (t->version <= 1) {
-        const float *emb = NULL, *all[7], *rope = NULL;
-        if (t->version == 0) {
-            bad |= take_f32(&cur, &emb, (uint64_t)V * D);
-            bad |= take_f32(&cur, &w->rms_att, (uint64_t)L * D);
-            for (int k = 0; k < 7; k++) {
-                if (k == 4) bad |= take_f32(&cur, &w->rms_ffn, (uint64_t)L * D);
-                bad |= take_f32(&cur, &all[k], L * rows[k] * cols[k]);
-            }
-            bad |= take_f32(&cur, &w->rms_final, D);
-            bad |= take_f32(&cur, &rope, (uint64_t)c->seq_len * (D / c->n_heads / 2) * 2); /* unused */
-        } else {
-            bad |= take_f32(&cur, &w->rms_att, (uint64_t)L * D);
-            bad |= take_f32(&cur, &w->rms_ffn, (uint64_t)L * D);
-            bad |= take_f32(&cur, &w->rms_final, D);
-            bad |= take_f32(&cur, &emb, (uint64_t)V * D);
-            for (int k = 0; k < 7; k++) bad |= take_f32(&cur, &all[k], L * rows[k] * cols[k]);
-        }
-        w->emb.f = emb;
-        if (t->shared) w->cls = w->emb;
-        else bad |= take_f32(&cur, &w->cls.f, (uint64_t)V * D);
-        if (!bad)
-            for (int k = 0; k < 7; k++)
-                for (int l = 0; l < L; l++) mats[k][l].f = all[k] + (size_t)l * rows[k] * cols[k];
-    } else {
-        bad |= take_f32(&cur, &w->rms_att, (uint64_t)L * D);
-        bad |= take_f32(&cur, &w->rms_ffn, (uint64_t)L * D);
-        bad |= take_f32(&cur, &w->rms_final, D);
-        int r = take_q(&cur, &w->emb, (uint64_t)V * D, gs);
-        for (int k = 0; k < 7 && !r; k++)
-            for (int l = 0; l < L && !r; l++) r = take_q(&cur, &mats[k][l], rows[k] * cols[k], gs);
-        if (!r) {
-            if (t->shared) w->cls = w->emb;
-            else r = take_q(&cur, &w->cls, (uint64_t)V * D, gs);
-        }
-        if (r == -2) {
-            set_err("%s: group size %d leaves scales unaligned (unsupported)", name, gs);
-            free(w->wq); w->wq = NULL;
-            return -1;
-        }
-        bad |= r;
-        if (!bad && H % gs && straddled_w2_scales(t) < 0) {
-            set_err("%s: out of memory", name);
-            free(w->wq); w->wq = NULL;
-            return -1;
-        }
-    }
-    if (bad || cur.left) { /* unreachable after the size check */
-        set_err("%s: internal size mismatch", name);
-        free(w->wq); w->wq = NULL;
-        return -1;
-    }
+    const size_t header = t->version == 0 ? 28 : 256;
+    Cursor cur = {data + header, size - header};
+    int r = t->version == 0 ? map_v0(t, &cur, name) : t->version == 1 ? map_v1(t, &cur, name) : map_v2(t, &cur, name);
+    if (r == 0 && cur.left) r = size_mismatch(name);
+    if (r < 0) free_state(t); /* the weight tables; the run state is not there yet */
+    return r;
+}
 
-    /* run state: everything the forward pass needs, allocated once */
+/* --- the run state */
+
+/* RoPE table, computed the way PyTorch does (fp32 frequencies and angles) so
+ * logits match model.py closely: pair (i, i+1) of each head turns by
+ * pos / theta^(i/hs). The default theta is spelt as a constant: -Ofast turns
+ * powf of a constant base into expf, which rounds differently, and the
+ * default's table keeps the bits it has always had. */
+static void rope_table(RunState *s, int S, int hs, double theta) {
+    const float th = (float)theta;
+    for (int pos = 0; pos < S; pos++)
+        for (int i = 0; i < hs; i += 2) {
+            const float e = (float)i / (float)hs;
+            float freq = theta == DEFAULT_ROPE_THETA ? 1.0f / powf(10000.0f, e) : 1.0f / powf(th, e);
+            float angle = (float)pos * freq;
+            s->rope_cos[(size_t)pos * (hs / 2) + i / 2] = (float)cos((double)angle);
+            s->rope_sin[(size_t)pos * (hs / 2) + i / 2] = (float)sin((double)angle);
+        }
+}
+
+/* Everything the forward pass needs, allocated once. */
+static int alloc_state(Transformer *t, const char *name) {
+    const Config *c = &t->c;
     RunState *s = &t->s;
-    int S = c->seq_len, hs = D / c->n_heads, maxDH = D > H ? D : H;
+    const int D = c->dim, H = c->hidden_dim, L = c->n_layers, V = c->vocab_size, S = c->seq_len;
+    const int hs = D / c->n_heads, kvD = c->n_kv_heads * hs, maxDH = D > H ? D : H;
     s->kv_size = t->gs ? 2 : 4;
     uint64_t kv_bytes = 2ull * L * S * kvD * s->kv_size;
     if (kv_bytes > MAX_STATE_BYTES) {
         set_err("%s: KV cache for seq_len %d would need %.1f GiB", name, S, kv_bytes / 1073741824.0);
-        free(w->wq); w->wq = NULL;
+        free_state(t);
         return -1;
     }
     s->x = calloc(D, 4); s->xb = calloc(D, 4); s->xb2 = calloc(D, 4);
@@ -411,17 +501,22 @@ static int parse_model(Transformer *t, const unsigned char *data, size_t size, c
         set_err("%s: out of memory for the run state", name);
         return -1;
     }
-    /* RoPE table, computed the way PyTorch does (fp32 frequencies and angles)
-     * so logits match model.py closely: pair (i, i+1) of each head turns by
-     * pos / 10000^(i/hs). */
-    for (int pos = 0; pos < S; pos++)
-        for (int i = 0; i < hs; i += 2) {
-            float freq = 1.0f / powf(10000.0f, (float)i / (float)hs);
-            float angle = (float)pos * freq;
-            s->rope_cos[(size_t)pos * (hs / 2) + i / 2] = (float)cos((double)angle);
-            s->rope_sin[(size_t)pos * (hs / 2) + i / 2] = (float)sin((double)angle);
-        }
+    rope_table(s, S, hs, t->rope_theta);
     return 0;
+}
+
+/* Parse a model held in memory (the mapped file, or a fuzzer's buffer). */
+static int parse_model(Transformer *t, const unsigned char *data, size_t size, const char *name) {
+    memset(&t->w, 0, sizeof t->w);
+    memset(&t->s, 0, sizeof t->s);
+    if (size == 0) { set_err("%s: file is empty", name); return -1; }
+    if (size < 28) { set_err("%s: file is %zu bytes, too short for a header", name, size); return -1; }
+    uint32_t magic;
+    memcpy(&magic, data, 4);
+    if (magic != MODEL_MAGIC) read_header_v0(t, data);
+    else if (read_header_v12(t, data, size, name) < 0) return -1;
+    if (check_header(t, size, name) < 0 || map_weights(t, data, size, name) < 0) return -1;
+    return alloc_state(t, name);
 }
 
 static Transformer *open_model(const char *path) {
@@ -472,10 +567,10 @@ static void close_model(Transformer *t) {
 
 /* ------------------------------------------------------------------ forward pass */
 
-static void rmsnorm(float *o, const float *x, const float *w, int n) {
+static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
     float ss = 0.0f;
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
-    ss = 1.0f / sqrtf(ss / n + 1e-5f);
+    ss = 1.0f / sqrtf(ss / n + eps);
     for (int i = 0; i < n; i++) o[i] = w[i] * (ss * x[i]);
 }
 
@@ -716,8 +811,8 @@ static void shared_matmul(Scratch *sc, float *out, const Mat *m, const float *in
 }
 
 /* rmsnorm x into this thread's copy, and quantize it for int8 matmuls. */
-static const float *norm_input(Scratch *sc, const float *x, const float *w, int D, int gs) {
-    rmsnorm(sc->xn, x, w, D);
+static const float *norm_input(Scratch *sc, const float *x, const float *w, int D, int gs, float eps) {
+    rmsnorm(sc->xn, x, w, D, eps);
     if (gs) quantize(sc->xq, sc->xs, sc->xn, D, gs);
     return sc->xn;
 }
@@ -879,13 +974,13 @@ static void forward_team(Transformer *t, int pos) {
     const int D = c->dim, H = c->hidden_dim, S = c->seq_len, gs = t->gs;
     const int hs = D / c->n_heads, kvD = c->n_kv_heads * hs, kvmul = c->n_heads / c->n_kv_heads;
     const float *cosr = s->rope_cos + (size_t)pos * (hs / 2), *sinr = s->rope_sin + (size_t)pos * (hs / 2);
-    const float scale = 1.0f / sqrtf((float)hs);
+    const float scale = 1.0f / sqrtf((float)hs), eps = (float)t->norm_eps;
     int a, b, k0, k1;
     split(NULL, c->n_kv_heads, 1, &k0, &k1); /* my key/value heads, and their query heads */
     const int q0 = k0 * kvmul * hs, q1 = k1 * kvmul * hs;
 
     for (int l = 0; l < c->n_layers; l++) {
-        const float *in = norm_input(sc, s->x, w->rms_att + (size_t)l * D, D, gs);
+        const float *in = norm_input(sc, s->x, w->rms_att + (size_t)l * D, D, gs, eps);
         /* q, k and v of my heads, each one matmul over all my rows (per-head
          * calls of 64 rows ran the 110M qkv phase ~20% slower per byte at 1
          * thread); then k and v into the cache at pos */
@@ -932,7 +1027,7 @@ static void forward_team(Transformer *t, int pos) {
         add_projection(sc, cut, s->x, s->xb2, &w->wo[l], s->xb, D, D);
 #pragma omp barrier
         /* SwiGLU: silu(w1 x) * (w3 x), fused per thread on its own rows */
-        in = norm_input(sc, s->x, w->rms_ffn + (size_t)l * D, D, gs);
+        in = norm_input(sc, s->x, w->rms_ffn + (size_t)l * D, D, gs, eps);
         /* in blocks of 16: gcc vectorises the expf below (libmvec, up to 16
          * lanes) from a, and a vector expf can round differently from the
          * scalar one of the loop's tail; so a value's path must depend on its
@@ -949,7 +1044,7 @@ static void forward_team(Transformer *t, int pos) {
 #pragma omp barrier
     }
     /* the final norm goes into my copy (x itself is left as the residual) */
-    const float *in = norm_input(sc, s->x, w->rms_final, D, gs);
+    const float *in = norm_input(sc, s->x, w->rms_final, D, gs, eps);
     split(cut, c->vocab_size, 4, &a, &b);
     shared_matmul(sc, s->logits, &w->cls, in, D, a, b);
 }

@@ -137,11 +137,128 @@ const Cursor = struct {
     }
 };
 
+/// RMSNorm's epsilon and RoPE's base when the header has none (v0) or says 0.
+pub const default_norm_eps: f64 = 1e-5;
+pub const default_rope_theta: f64 = 10000.0;
+
+/// A header as read, before its checks.
+const RawHeader = struct {
+    fields: [7]i32 = undefined, // dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
+    version: u8 = 0,
+    shared: bool = false,
+    group_size: i32 = 0,
+    norm_eps: f64 = 0,
+    rope_theta: f64 = 0,
+};
+
+/// What a model.bin header says, checked, and checked against the file's size.
+const Header = struct {
+    config: Config,
+    version: u8,
+    shared: bool,
+    group_size: usize, // Q8_0 group size (v2); 0 for fp32
+    norm_eps: f64,
+    rope_theta: f64, // pair i of a head turns by pos / theta^(i/hs)
+};
+
+/// The header of `bytes`, a whole model.bin: version 0 (llama2.c's legacy 28
+/// bytes, no magic) or 1 and 2 (256 bytes after the magic).
+fn readHeader(bytes: []const u8, name: []const u8, diag: *Diagnostic) Error!Header {
+    if (bytes.len == 0) return diag.fail(error.BadModel, "{s}: file is empty", .{name});
+    if (bytes.len < 28) return diag.fail(error.BadModel, "{s}: file is {d} bytes, too short for a header", .{ name, bytes.len });
+    const raw = if (readInt(u32, bytes, 0) == magic) try readHeaderV12(bytes, name, diag) else readHeaderV0(bytes);
+    return checkHeader(raw, bytes.len, name, diag);
+}
+
+fn readHeaderV0(bytes: []const u8) RawHeader {
+    var h: RawHeader = .{}; // no room for norm_eps and rope_theta: the defaults
+    for (&h.fields, 0..) |*f, i| f.* = readInt(i32, bytes, 4 * i);
+    // no magic: a negative vocab_size means an unshared classifier at the end
+    if (h.fields[5] == std.math.minInt(i32)) h.fields[5] = 0;
+    h.shared = h.fields[5] > 0;
+    h.fields[5] = @intCast(@abs(h.fields[5]));
+    return h;
+}
+
+fn readHeaderV12(bytes: []const u8, name: []const u8, diag: *Diagnostic) Error!RawHeader {
+    if (bytes.len < 256) return diag.fail(error.BadModel, "{s}: file is {d} bytes, cut off inside the 256-byte header", .{ name, bytes.len });
+    const v = readInt(i32, bytes, 4);
+    if (v != 1 and v != 2) return diag.fail(error.BadModel, "{s}: unknown model.bin version {d} (this runtime reads 0, 1 and 2)", .{ name, v });
+    const flag = bytes[36];
+    if (flag > 1) return diag.fail(error.BadModel, "{s}: bad header: shared_classifier flag is {d} (must be 0 or 1)", .{ name, flag });
+    var h: RawHeader = .{
+        .version = @intCast(v),
+        .shared = flag == 1,
+        .group_size = if (v == 2) readInt(i32, bytes, 37) else 0, // unaligned, right after the flag byte
+        .norm_eps = @bitCast(std.mem.readInt(u64, bytes[64..][0..8], .little)),
+        .rope_theta = @bitCast(std.mem.readInt(u64, bytes[72..][0..8], .little)),
+    };
+    for (&h.fields, 0..) |*f, i| f.* = readInt(i32, bytes, 8 + 4 * i);
+    return h;
+}
+
+/// Checks for every version: the shape, v2's group size, norm_eps and
+/// rope_theta, and the file size the header implies.
+fn checkHeader(raw: RawHeader, size: usize, name: []const u8, diag: *Diagnostic) Error!Header {
+    const config = checkConfig(raw.fields, name, diag) catch |err| {
+        if (raw.version == 0) { // no magic and no plausible v0 header: say both
+            var tmp: [640]u8 = undefined;
+            const first = std.fmt.bufPrint(&tmp, "{s}", .{diag.msg}) catch diag.msg;
+            return diag.fail(err, "{s} (no magic 0x{x:0>8}, read as version 0)", .{ first, magic });
+        }
+        return err;
+    };
+    const D = config.dim;
+    const g = raw.group_size;
+    // every tensor has dim as a factor, so the groups tile it (w2's rows may
+    // still end mid-group: see splitStraddledGroups)
+    if (raw.version == 2 and (g <= 0 or D % @as(usize, @intCast(g)) != 0))
+        return diag.fail(error.BadModel, "{s}: group size {d} does not divide dim {d}", .{ name, g, D });
+    const h: Header = .{
+        .config = config,
+        .version = raw.version,
+        .shared = raw.shared,
+        .group_size = if (raw.version == 2) @intCast(g) else 0,
+        .norm_eps = try checkReal(raw.norm_eps, default_norm_eps, "norm_eps", name, diag),
+        .rope_theta = try checkReal(raw.rope_theta, default_rope_theta, "rope_theta", name, diag),
+    };
+    const want = expectedSize(config, h.version, h.shared, h.group_size);
+    if (want != size) {
+        return diag.fail(error.BadModel, "{s}: file is {d} bytes but its version-{d} header (dim {d}, hidden_dim {d}, n_layers {d}, " ++
+            "n_heads {d}, n_kv_heads {d}, vocab_size {d}, seq_len {d}{s}) needs {d} bytes{s}", .{
+            name,              size,               h.version,         D,                 config.hidden_dim,
+            config.n_layers,   config.n_heads,     config.n_kv_heads, config.vocab_size, config.seq_len,
+            if (h.shared) "" else ", unshared classifier", want, if (size < want) " (cut off?)" else "",
+        });
+    }
+    return h;
+}
+
+/// norm_eps or rope_theta: 0 means the default; NaN, infinities, negative
+/// numbers and numbers past f32's range (the forward pass's type) are refused.
+fn checkReal(v: f64, default: f64, field: []const u8, name: []const u8, diag: *Diagnostic) Error!f64 {
+    if (!std.math.isFinite(v) or v < 0 or v > std.math.floatMax(f32))
+        return diag.fail(error.BadModel, "{s}: bad header: {s} = {d} (must be a finite number > 0, or 0 for the default)", .{ name, field, v });
+    return if (v == 0) default else v;
+}
+
+/// The seven matrices of a layer in file order, and their shapes (rows × cols).
+const matrix_kinds = [7][]const u8{ "wq", "wk", "wv", "wo", "w1", "w2", "w3" };
+
+fn matrixShapes(c: Config) [7][2]usize {
+    const D = c.dim;
+    const H = c.hidden_dim;
+    const kvD = c.kvDim();
+    return .{ .{ D, D }, .{ kvD, D }, .{ kvD, D }, .{ D, D }, .{ H, D }, .{ D, H }, .{ H, D } };
+}
+
 pub const Transformer = struct {
     config: Config,
     version: u8,
     shared: bool,
     group_size: usize, // Q8_0 group size (v2); 0 for fp32
+    norm_eps: f64, // RMSNorm's epsilon
+    rope_theta: f64, // RoPE's base
     w2_scales: []f32 = &.{}, // w2's scales per row, when its groups straddle rows
     rms_final: []const f32,
     embedding: Matrix,
@@ -154,66 +271,18 @@ pub const Transformer = struct {
     /// Point the weights into `bytes` (a whole model.bin, kept alive by the
     /// caller) and allocate the run state. `name` is for messages.
     pub fn init(gpa: Allocator, bytes: []const u8, name: []const u8, diag: *Diagnostic) Error!Transformer {
-        if (bytes.len == 0) return diag.fail(error.BadModel, "{s}: file is empty", .{name});
-        if (bytes.len < 28) return diag.fail(error.BadModel, "{s}: file is {d} bytes, too short for a header", .{ name, bytes.len });
-        const has_magic = readInt(u32, bytes, 0) == magic;
-        var version: u8 = 0;
-        var shared = false;
-        var gs: usize = 0;
-        var first_field: usize = 0;
-        if (has_magic) {
-            if (bytes.len < 256) return diag.fail(error.BadModel, "{s}: file is {d} bytes, cut off inside the 256-byte header", .{ name, bytes.len });
-            const v = readInt(i32, bytes, 4);
-            if (v != 1 and v != 2) return diag.fail(error.BadModel, "{s}: unknown model.bin version {d} (this runtime reads 0, 1 and 2)", .{ name, v });
-            version = @intCast(v);
-            const flag = bytes[36];
-            if (flag > 1) return diag.fail(error.BadModel, "{s}: bad header: shared_classifier flag is {d} (must be 0 or 1)", .{ name, flag });
-            shared = flag == 1;
-            first_field = 8;
-        }
-        var raw: [7]i32 = undefined;
-        for (&raw, 0..) |*f, i| f.* = readInt(i32, bytes, first_field + 4 * i);
-        if (version == 0) {
-            // no magic: a negative vocab_size means an unshared classifier at the end
-            if (raw[5] == std.math.minInt(i32)) raw[5] = 0;
-            shared = raw[5] > 0;
-            raw[5] = @intCast(@abs(raw[5]));
-        }
-        const config = checkConfig(raw, name, diag) catch |err| {
-            if (version == 0) { // no magic and no plausible v0 header: say both
-                var tmp: [640]u8 = undefined;
-                const first = std.fmt.bufPrint(&tmp, "{s}", .{diag.msg}) catch diag.msg;
-                return diag.fail(err, "{s} (no magic 0x{x:0>8}, read as version 0)", .{ first, magic });
-            }
-            return err;
-        };
-        const D = config.dim;
-        const H = config.hidden_dim;
-        if (version == 2) {
-            const g = readInt(i32, bytes, 37); // unaligned, right after the flag byte
-            // every tensor has dim as a factor, so the groups tile it (w2's rows may
-            // still end mid-group: see splitStraddledGroups)
-            if (g <= 0 or D % @as(usize, @intCast(g)) != 0)
-                return diag.fail(error.BadModel, "{s}: group size {d} does not divide dim {d}", .{ name, g, D });
-            gs = @intCast(g);
-        }
-        const want = expectedSize(config, version, shared, gs);
-        if (want != bytes.len) {
-            return diag.fail(error.BadModel, "{s}: file is {d} bytes but its version-{d} header (dim {d}, hidden_dim {d}, n_layers {d}, " ++
-                "n_heads {d}, n_kv_heads {d}, vocab_size {d}, seq_len {d}{s}) needs {d} bytes{s}", .{
-                name,              bytes.len,          version,         D,                 H,
-                config.n_layers,   config.n_heads,     config.n_kv_heads, config.vocab_size, config.seq_len,
-                if (shared) "" else ", unshared classifier", want, if (bytes.len < want) " (cut off?)" else "",
-            });
-        }
-
+        const h = try readHeader(bytes, name, diag);
+        const config = h.config;
+        const gs = h.group_size;
         const layers = try gpa.alloc(Layer, config.n_layers);
         errdefer gpa.free(layers);
         var t: Transformer = .{
             .config = config,
-            .version = version,
-            .shared = shared,
+            .version = h.version,
+            .shared = h.shared,
             .group_size = gs,
+            .norm_eps = h.norm_eps,
+            .rope_theta = h.rope_theta,
             .rms_final = &.{},
             .embedding = undefined,
             .classifier = undefined,
@@ -221,75 +290,92 @@ pub const Transformer = struct {
             .state = undefined,
             .gpa = gpa,
         };
-        var cur: Cursor = .{ .bytes = bytes[if (version == 0) 28 else 256..] };
-        t.mapWeights(&cur) catch return diag.fail(error.BadModel, "{s}: internal size mismatch", .{name});
+        var cur: Cursor = .{ .bytes = bytes[if (h.version == 0) 28 else 256..] };
+        const mapped = switch (h.version) {
+            0 => t.mapV0(&cur),
+            1 => t.mapV1(&cur),
+            else => t.mapV2(&cur),
+        };
+        mapped catch return diag.fail(error.BadModel, "{s}: internal size mismatch", .{name});
         if (cur.unaligned) return diag.fail(error.BadModel, "{s}: group size {d} leaves scales unaligned (unsupported)", .{ name, gs });
         if (cur.bytes.len != 0) return diag.fail(error.BadModel, "{s}: internal size mismatch", .{name});
-        if (gs != 0 and H % gs != 0)
+        if (gs != 0 and config.hidden_dim % gs != 0)
             t.splitStraddledGroups() catch return diag.fail(error.OutOfMemory, "{s}: out of memory", .{name});
         errdefer gpa.free(t.w2_scales);
 
         const kv_bytes: u64 = 2 * @as(u64, config.n_layers) * config.seq_len * config.kvDim() * @as(u64, if (gs != 0) 2 else 4);
         if (kv_bytes > max_state_bytes)
             return diag.fail(error.BadModel, "{s}: KV cache for seq_len {d} would need {d:.1} GiB", .{ name, config.seq_len, @as(f64, @floatFromInt(kv_bytes)) / 1073741824.0 });
-        t.state = State.init(gpa, config, gs != 0) catch return diag.fail(error.OutOfMemory, "{s}: out of memory for the run state", .{name});
+        t.state = State.init(gpa, config, gs != 0, h.rope_theta) catch return diag.fail(error.OutOfMemory, "{s}: out of memory for the run state", .{name});
         return t;
     }
 
-    fn mapWeights(t: *Transformer, cur: *Cursor) error{Truncated}!void {
+    /// v0 (llama2.c's legacy layout), fp32: embedding, rms_att, wq wk wv wo,
+    /// rms_ffn, w1 w2 w3 (each kind all layers in a row), the final norm, and
+    /// RoPE tables (recomputed, so skipped).
+    fn mapV0(t: *Transformer, cur: *Cursor) error{Truncated}!void {
         const c = t.config;
-        const D = c.dim;
-        const H = c.hidden_dim;
-        const kvD = c.kvDim();
-        const L = c.n_layers;
-        const V = c.vocab_size;
-        const gs = t.group_size;
-        const shape = [7][2]usize{ .{ D, D }, .{ kvD, D }, .{ kvD, D }, .{ D, D }, .{ H, D }, .{ D, H }, .{ H, D } };
-        const kinds = [7][]const u8{ "wq", "wk", "wv", "wo", "w1", "w2", "w3" };
-        if (t.version == 2) {
-            // fp32 norms, then each quantized matrix (values, then its scales), layer by layer
-            const rms_att = try cur.floats(L * D);
-            const rms_ffn = try cur.floats(L * D);
-            t.rms_final = try cur.floats(D);
-            t.embedding = try cur.matrix(V * D, gs);
-            for (t.layers, 0..) |*layer, l| {
-                layer.rms_att = rms_att[l * D ..][0..D];
-                layer.rms_ffn = rms_ffn[l * D ..][0..D];
-            }
-            inline for (kinds, shape) |kind, s| {
-                for (t.layers) |*layer| @field(layer, kind) = try cur.matrix(s[0] * s[1], gs);
-            }
-        } else {
-            // fp32: each tensor kind holds all layers in a row
-            var rms_att: []const f32 = undefined;
-            var rms_ffn: []const f32 = undefined;
-            var all: [7][]const f32 = undefined;
-            if (t.version == 0) {
-                t.embedding = .{ .f32 = try cur.floats(V * D) };
-                rms_att = try cur.floats(L * D);
-                for (&all, shape, 0..) |*a, s, k| {
-                    if (k == 4) rms_ffn = try cur.floats(L * D);
-                    a.* = try cur.floats(L * s[0] * s[1]);
-                }
-                t.rms_final = try cur.floats(D);
-                _ = try cur.floats(c.seq_len * (c.headSize() / 2) * 2); // RoPE tables, recomputed
-            } else {
-                rms_att = try cur.floats(L * D);
-                rms_ffn = try cur.floats(L * D);
-                t.rms_final = try cur.floats(D);
-                t.embedding = .{ .f32 = try cur.floats(V * D) };
-                for (&all, shape) |*a, s| a.* = try cur.floats(L * s[0] * s[1]);
-            }
-            for (t.layers, 0..) |*layer, l| {
-                layer.rms_att = rms_att[l * D ..][0..D];
-                layer.rms_ffn = rms_ffn[l * D ..][0..D];
-                inline for (kinds, 0..) |kind, k| {
-                    const n = shape[k][0] * shape[k][1];
-                    @field(layer, kind) = .{ .f32 = all[k][l * n ..][0..n] };
-                }
+        t.embedding = .{ .f32 = try cur.floats(c.vocab_size * c.dim) };
+        const rms_att = try cur.floats(c.n_layers * c.dim);
+        var rms_ffn: []const f32 = undefined;
+        var all: [7][]const f32 = undefined;
+        for (&all, matrixShapes(c), 0..) |*a, s, k| {
+            if (k == 4) rms_ffn = try cur.floats(c.n_layers * c.dim);
+            a.* = try cur.floats(c.n_layers * s[0] * s[1]);
+        }
+        t.rms_final = try cur.floats(c.dim);
+        _ = try cur.floats(c.seq_len * (c.headSize() / 2) * 2);
+        try t.pointF32(cur, rms_att, rms_ffn, all);
+    }
+
+    /// v1, fp32: the norms, the embedding, then wq wk wv wo w1 w2 w3 (each kind
+    /// all layers in a row).
+    fn mapV1(t: *Transformer, cur: *Cursor) error{Truncated}!void {
+        const c = t.config;
+        const rms_att = try cur.floats(c.n_layers * c.dim);
+        const rms_ffn = try cur.floats(c.n_layers * c.dim);
+        t.rms_final = try cur.floats(c.dim);
+        t.embedding = .{ .f32 = try cur.floats(c.vocab_size * c.dim) };
+        var all: [7][]const f32 = undefined;
+        for (&all, matrixShapes(c)) |*a, s| a.* = try cur.floats(c.n_layers * s[0] * s[1]);
+        try t.pointF32(cur, rms_att, rms_ffn, all);
+    }
+
+    /// fp32 (v0, v1): each layer's norms and matrices cut from their kind's
+    /// block of all layers; the classifier follows everything else, unless shared.
+    fn pointF32(t: *Transformer, cur: *Cursor, rms_att: []const f32, rms_ffn: []const f32, all: [7][]const f32) error{Truncated}!void {
+        const D = t.config.dim;
+        const shape = matrixShapes(t.config);
+        for (t.layers, 0..) |*layer, l| {
+            layer.rms_att = rms_att[l * D ..][0..D];
+            layer.rms_ffn = rms_ffn[l * D ..][0..D];
+            inline for (matrix_kinds, 0..) |kind, k| {
+                const n = shape[k][0] * shape[k][1];
+                @field(layer, kind) = .{ .f32 = all[k][l * n ..][0..n] };
             }
         }
-        t.classifier = if (t.shared) t.embedding else try cur.matrix(V * D, gs);
+        t.classifier = if (t.shared) t.embedding else .{ .f32 = try cur.floats(t.config.vocab_size * D) };
+    }
+
+    /// v2 (Q8_0): the fp32 norms, then each matrix as int8 values and their
+    /// group scales: the embedding, wq..w3 layer by layer, the classifier
+    /// unless shared.
+    fn mapV2(t: *Transformer, cur: *Cursor) error{Truncated}!void {
+        const c = t.config;
+        const D = c.dim;
+        const gs = t.group_size;
+        const rms_att = try cur.floats(c.n_layers * D);
+        const rms_ffn = try cur.floats(c.n_layers * D);
+        t.rms_final = try cur.floats(D);
+        t.embedding = try cur.matrix(c.vocab_size * D, gs);
+        for (t.layers, 0..) |*layer, l| {
+            layer.rms_att = rms_att[l * D ..][0..D];
+            layer.rms_ffn = rms_ffn[l * D ..][0..D];
+        }
+        inline for (matrix_kinds, matrixShapes(c)) |kind, s| {
+            for (t.layers) |*layer| @field(layer, kind) = try cur.matrix(s[0] * s[1], gs);
+        }
+        t.classifier = if (t.shared) t.embedding else try cur.matrix(c.vocab_size * D, gs);
     }
 
     /// Groups run over each flattened tensor, so when hidden_dim is not a
@@ -337,6 +423,7 @@ pub const Transformer = struct {
         if (pos >= c.seq_len) return diag.fail(error.BadInput, "position {d} out of range 0..{d}", .{ pos, c.seq_len - 1 });
         const s = &t.state;
         const D = c.dim;
+        const eps: f32 = @floatCast(t.norm_eps);
         switch (t.embedding) {
             .f32 => |e| @memcpy(s.x, e[token * D ..][0..D]),
             .q8 => |e| { // dequantise just the row we need
@@ -346,21 +433,21 @@ pub const Transformer = struct {
         }
         for (t.layers, 0..) |*layer, l| {
             const step: Step = .{ .t = t, .layer = l, .pos = pos };
-            rmsnorm(s.xb, s.x, layer.rms_att);
+            rmsnorm(s.xb, s.x, layer.rms_att, eps);
             t.quantizeInput(s.xb);
             t.parallel(step, attentionInputs);
             t.parallel(step, attention); // split by heads, not by t.pool's cuts
             t.quantizeInput(s.xb);
             t.parallel(step, attentionOutput);
             for (s.x, s.xb2) |*x, b| x.* += b;
-            rmsnorm(s.xb, s.x, layer.rms_ffn);
+            rmsnorm(s.xb, s.x, layer.rms_ffn, eps);
             t.quantizeInput(s.xb);
             t.parallel(step, feedForwardIn);
             t.quantizeInput(s.hb);
             t.parallel(step, feedForwardOut);
             for (s.x, s.xb2) |*x, b| x.* += b;
         }
-        rmsnorm(s.x, s.x, t.rms_final);
+        rmsnorm(s.x, s.x, t.rms_final, eps);
         t.quantizeInput(s.x);
         t.parallel(.{ .t = t, .layer = 0, .pos = pos }, classify);
         if (!builtin.single_threaded) if (t.pool) |pool| pool.rebalance();
@@ -434,7 +521,7 @@ const State = struct {
     rope_cos: []f32, // S × hs/2
     rope_sin: []f32,
 
-    fn init(gpa: Allocator, c: Config, fp16_cache: bool) Allocator.Error!State {
+    fn init(gpa: Allocator, c: Config, fp16_cache: bool, rope_theta: f64) Allocator.Error!State {
         var arena = std.heap.ArenaAllocator.init(gpa);
         errdefer arena.deinit();
         const a = arena.allocator();
@@ -467,11 +554,12 @@ const State = struct {
         @memset(s.key_cache16, 0);
         @memset(s.value_cache16, 0);
         // RoPE as PyTorch computes it (fp32 frequencies and angles): pair
-        // (i, i+1) of each head turns by pos / 10000^(i/hs).
+        // (i, i+1) of each head turns by pos / theta^(i/hs).
+        const theta: f32 = @floatCast(rope_theta);
         for (0..c.seq_len) |pos| {
             var i: usize = 0;
             while (i < hs) : (i += 2) {
-                const freq = 1.0 / std.math.pow(f32, 10000.0, @as(f32, @floatFromInt(i)) / @as(f32, @floatFromInt(hs)));
+                const freq = 1.0 / std.math.pow(f32, theta, @as(f32, @floatFromInt(i)) / @as(f32, @floatFromInt(hs)));
                 const angle: f64 = @as(f32, @floatFromInt(pos)) * freq;
                 s.rope_cos[pos * (hs / 2) + i / 2] = @floatCast(@cos(angle));
                 s.rope_sin[pos * (hs / 2) + i / 2] = @floatCast(@sin(angle));
@@ -581,10 +669,10 @@ inline fn axpyCached(comptime T: type, out: []f32, a: f32, v: []const T) void {
     while (i < out.len) : (i += 1) out[i] += a * fromF16(v[i]);
 }
 
-fn rmsnorm(out: []f32, x: []const f32, w: []const f32) void {
+fn rmsnorm(out: []f32, x: []const f32, w: []const f32, eps: f32) void {
     var ss: f32 = 0;
     for (x) |v| ss += v * v;
-    const inv = 1.0 / @sqrt(ss / @as(f32, @floatFromInt(x.len)) + 1e-5);
+    const inv = 1.0 / @sqrt(ss / @as(f32, @floatFromInt(x.len)) + eps);
     for (out, x, w) |*o, v, g| o.* = g * (inv * v);
 }
 
@@ -2071,5 +2159,28 @@ test "fp16 cache: every finite half converts back exactly, and toF16 rounds as @
     for ([_]f32{ 65519.99, 65520, 1e30, std.math.inf(f32) }) |f| {
         try std.testing.expectEqual(@as(u16, 0x7bff), toF16(f));
         try std.testing.expectEqual(@as(u16, 0xfbff), toF16(-f));
+    }
+}
+
+test "readHeader: norm_eps and rope_theta from a v1 header, 0 for the defaults, NaN/inf/negative refused" {
+    // dim 2, hidden_dim 2, one layer, head, KV head, token and position: 36 floats after the header
+    var file: [256 + 4 * 36]u8 = @splat(0);
+    std.mem.writeInt(u32, file[0..4], magic, .little);
+    std.mem.writeInt(i32, file[4..8], 1, .little);
+    for (0..7) |i| std.mem.writeInt(i32, file[8 + 4 * i ..][0..4], if (i < 2) 2 else 1, .little);
+    file[36] = 1;
+    var diag: Diagnostic = .{};
+    var h = try readHeader(&file, "m.bin", &diag);
+    try std.testing.expectEqual(default_norm_eps, h.norm_eps);
+    try std.testing.expectEqual(default_rope_theta, h.rope_theta);
+    std.mem.writeInt(u64, file[64..72], @bitCast(@as(f64, 1e-6)), .little);
+    std.mem.writeInt(u64, file[72..80], @bitCast(@as(f64, 500000.0)), .little);
+    h = try readHeader(&file, "m.bin", &diag);
+    try std.testing.expectEqual(@as(f64, 1e-6), h.norm_eps);
+    try std.testing.expectEqual(@as(f64, 500000.0), h.rope_theta);
+    for ([_]f64{ std.math.nan(f64), std.math.inf(f64), -1.0, 1e39 }) |bad| {
+        std.mem.writeInt(u64, file[72..80], @bitCast(bad), .little);
+        try std.testing.expectError(error.BadModel, readHeader(&file, "m.bin", &diag));
+        try std.testing.expect(std.mem.indexOf(u8, diag.msg, "m.bin: bad header: rope_theta") != null);
     }
 }

@@ -10,6 +10,7 @@ random models and 0.15 on stories260K (a trained model with peaked attention: me
 weights matches torch to 2e-6), and greedy top-1 agreement must be >= 99%.
 """
 
+import dataclasses
 import math
 import os
 import random
@@ -20,8 +21,8 @@ import sys
 import numpy as np
 import pytest
 
-from bench.bench_run import write_tokenizer, write_v1, write_v2
-from tests.runtimes.crt_util import (
+import modelbin
+from tests.runtimes.models import (
     LLAMA_TOK_BIN,
     LLAMA_TOK_MODEL,
     ROOT,
@@ -31,6 +32,8 @@ from tests.runtimes.crt_util import (
     need,
     random_classifier,
     random_transformer,
+    write_model,
+    write_word_tokenizer,
 )
 
 torch = pytest.importorskip("torch")
@@ -96,7 +99,7 @@ def q8_reference(model, ids, gs, quantize_activations=True, cache=round_f16):
         return (np.rint(g * inv[:, None]) * s[:, None]).reshape(x.shape)
 
     def rms(x, w):
-        return w * x / np.sqrt((x * x).mean() + 1e-5)
+        return w * x / np.sqrt((x * x).mean() + a.norm_eps)
 
     def rope(z, pos):
         z = z.reshape(-1, hs // 2, 2)
@@ -296,6 +299,90 @@ def test_attention_head_sizes(rt, tmp_path, dim, heads, kv_heads, version):
         assert_int8_exact(c, q8_reference(deq, ids[:20], m.group_size), 5e-2)
 
 
+# ------------------------------------------------------------------ norm_eps and rope_theta from the header
+
+EPS_THETA = {"norm_eps": 1e-6, "rope_theta": 500000.0}
+EPS_THETA_IDS = [1] + [(7 * p + 3) % 512 for p in range(1, 40)]
+
+
+def eps_theta_model(path, version, seed=21):
+    """A random model.py Transformer with norm_eps 1e-6 and rope_theta 500000, written by export.py
+    (version 1 or 2); returns the model. Its embedding is small (rms 3e-3, a mean square between
+    the two epsilons), so the first norm's epsilon moves the logits; RoPE's base moves them from
+    position 1 on."""
+    import export
+    from model import ModelArgs
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=64, **EPS_THETA)
+    ref = random_classifier(random_transformer(args, seed), seed)
+    with torch.no_grad():
+        ref.tok_embeddings.weight.mul_(0.006)  # std 0.5 -> 3e-3
+    (export.write_v1 if version == 1 else export.write_v2)(ref, path)
+    return ref
+
+
+def with_default(path, field):
+    """A copy of a model file whose header says 0 (the default) for `field`: what a runtime that
+    ignored the field would compute."""
+    out = path.with_name(f"default_{field}_{path.name}")
+    data = bytearray(path.read_bytes())
+    header = dataclasses.replace(modelbin.read_header(path), **{field: 0.0})
+    data[:modelbin.HEADER_BYTES] = modelbin.header_bytes(header)
+    out.write_bytes(data)
+    return out
+
+
+def test_norm_eps_and_rope_theta_from_the_header_fp32(rt, tmp_path):
+    """v1 with norm_eps 1e-6 and rope_theta 500000: logits and greedy ids as model.py's. The same
+    file with either field at its default is far off (and greedy differs), so both are read."""
+    path = tmp_path / "m.bin"
+    ref = eps_theta_model(path, 1)
+    want = torch_logits(ref, EPS_THETA_IDS)
+    m = rt.Model(path)
+    assert rel_err(c_logits(m, EPS_THETA_IDS), want) < 1e-4
+    ids = m.generate(steps=60, temperature=0, stop_at_bos=False)
+    assert ids == torch_greedy(ref, 60) and len(set(ids)) > 10
+    for field in EPS_THETA:
+        other = rt.Model(with_default(path, field))
+        assert rel_err(c_logits(other, EPS_THETA_IDS), want) > 1e-2, field
+        assert other.generate(steps=60, temperature=0, stop_at_bos=False) != ids, field
+
+
+def test_norm_eps_and_rope_theta_from_the_header_int8(rt, tmp_path):
+    """v2 with norm_eps 1e-6 and rope_theta 500000 against the numpy int8 computation of the
+    dequantised model (which modelbin reads with both fields); with either at its default the
+    logits are far off."""
+    from model import Transformer
+
+    path = tmp_path / "q.bin"
+    eps_theta_model(path, 2)
+    deq = Transformer.from_bin(str(path)).eval()
+    assert (deq.args.norm_eps, deq.args.rope_theta) == (EPS_THETA["norm_eps"], EPS_THETA["rope_theta"])
+    m = rt.Model(path)
+    ids = EPS_THETA_IDS[:12]
+    exact = q8_reference(deq, ids, m.group_size)
+    assert_int8_exact(c_logits(m, ids), exact, 5e-2)
+    for field in EPS_THETA:
+        c = c_logits(rt.Model(with_default(path, field)), ids)
+        assert rel_err(c, exact) > 1e-2, field
+
+
+@pytest.mark.parametrize("field,value", [("norm_eps", math.nan), ("norm_eps", -1e-5), ("rope_theta", math.inf),
+                                         ("rope_theta", -math.inf), ("rope_theta", 1e39)])
+def test_bad_norm_eps_or_rope_theta_is_refused(rt, tmp_path, field, value):
+    """NaN, infinities, negative numbers and numbers past float's range: one line naming the
+    file and the field, from the library (built with -Ofast, which assumes there are no NaNs or
+    infinities) and the CLI."""
+    path = write_model(tmp_path / "m.bin", TINY, 1)
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<d", data, 64 if field == "norm_eps" else 72, value)  # the header's f64 fields
+    path.write_bytes(data)
+    with pytest.raises(rt.RunError, match=rf"m\.bin: bad header: {field} = "):
+        rt.Model(path)
+    p = subprocess.run([str(ROOT / "run_san"), str(path)], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and f"m.bin: bad header: {field}" in p.stderr
+
+
 def logits_in_a_process(path, positions, out, **env):
     """C logits of a model file at positions 0..positions-1 (token (7p + 3) mod vocab), computed in a
     new Python process with `env` added (OMP_NUM_THREADS, LLAMA2_RUNTIME_LIB are read at load)."""
@@ -316,7 +403,7 @@ def test_logits_do_not_depend_on_the_row_shares(rt, tmp_path, version):
     row alone."""
     cfg = (256, 680, 2, 8, 4, 4093, 64)  # dim, hidden, layers, heads, kv heads, vocab, seq_len
     path = tmp_path / "m.bin"
-    (write_v1 if version == 1 else write_v2)(path, cfg, seed=3)
+    write_model(path, cfg, version, seed=3)
     logits = [logits_in_a_process(path, 64, tmp_path / f"logits{t}.npy", OMP_NUM_THREADS=t) for t in ("1", "2")]
     assert np.isfinite(logits[0]).all() and logits[0].std() > 0
     assert np.array_equal(logits[0], logits[1])
@@ -372,7 +459,7 @@ def test_int8_vnni_gives_the_same_bits_as_pmaddubsw(rt, tmp_path):
     subprocess.run(["gcc", "-shared", "-fopenmp", str(obj), "-o", str(lib), "-lm"], check=True)
     cfg = (128, 352, 2, 4, 2, 509, 64)  # dim, hidden, layers, heads, kv heads, vocab, seq_len
     path = tmp_path / "m.bin"
-    write_v2(path, cfg, seed=5, gs=64)
+    write_model(path, cfg, 2, seed=5, gs=64)
     logits = [logits_in_a_process(path, 48, tmp_path / f"{name}.npy", LLAMA2_RUNTIME_LIB=str(library),
                                   OMP_NUM_THREADS="1")
               for name, library in (("vnni", ROOT / "librun.so"), ("novnni", lib))]
@@ -425,8 +512,8 @@ def test_fp32_avx512_kernel_gives_the_same_bits_as_avx2(tmp_path):
 
 
 def test_v2_numpy_file_matches_v1_roughly(rt, tmp_path):
-    write_v1(tmp_path / "a.bin", TINY, seed=5)
-    write_v2(tmp_path / "b.bin", TINY, seed=5)
+    write_model(tmp_path / "a.bin", TINY, 1, seed=5)
+    write_model(tmp_path / "b.bin", TINY, 2, seed=5)
     a, b = rt.Model(tmp_path / "a.bin"), rt.Model(tmp_path / "b.bin")
     la = np.stack([a.forward(t, p) for p, t in enumerate([3, 7, 300, 42])])
     lb = np.stack([b.forward(t, p) for p, t in enumerate([3, 7, 300, 42])])
@@ -434,7 +521,7 @@ def test_v2_numpy_file_matches_v1_roughly(rt, tmp_path):
 
 
 def test_generate_seeded_and_bounded(rt, tmp_path):
-    write_v1(tmp_path / "a.bin", TINY, seed=1)
+    write_model(tmp_path / "a.bin", TINY, 1, seed=1)
     m = rt.Model(tmp_path / "a.bin")
     x = m.generate([1, 5, 6], steps=30, temperature=1.0, topp=0.9, seed=7, stop_at_bos=False)
     assert x == m.generate([1, 5, 6], steps=30, temperature=1.0, topp=0.9, seed=7, stop_at_bos=False)
@@ -452,7 +539,7 @@ def test_library_errors_are_exceptions(rt, tmp_path):
     (tmp_path / "e.bin").write_bytes(b"")
     with pytest.raises(rt.RunError, match=r"e\.bin: file is empty"):
         rt.Model(tmp_path / "e.bin")
-    write_tokenizer(tmp_path / "t.bin", 600)
+    write_word_tokenizer(tmp_path / "t.bin", 600)
     with pytest.raises(rt.RunError, match="vocab_size 512"):
         rt.Tokenizer(tmp_path / "t.bin", 512)
 
