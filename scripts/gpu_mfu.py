@@ -1,7 +1,7 @@
 """Training throughput and MFU of the presets on one GPU: bf16 autocast, eager and torch.compile.
 
-    python scripts/gpu_mfu.py                        # stories15M and stories110M, eager and compiled
-    python scripts/gpu_mfu.py --presets stories15M --batch 64 --steps 30
+    python -m scripts.gpu_mfu                        # stories15M and stories110M, eager and compiled
+    python -m scripts.gpu_mfu --presets stories15M --batch 64 --steps 30
 
 One training step is what train.py does per micro-batch: forward with the loss, backward, and
 (every step here: no accumulation) a fused AdamW update, on random tokens of the preset's shape
