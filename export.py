@@ -3,10 +3,14 @@
     python export.py out/ckpt.pt out/model.bin --version 2
     python export.py stories15M.bin hf_dir --version hf --tokenizer tokenizer.model
     python export.py stories15M.bin stories15M.gguf --version gguf --outtype q8_0 --tokenizer tokenizer.model
+    python export.py llama-2-7b.Q8_0.gguf out/model.bin --version 2    # also writes out/tokenizer.bin
 
 INPUT: a training checkpoint (ckpt.pt), a Meta Llama 2 directory (params.json +
 consolidated.*.pth), a Hugging Face Llama directory (config.json + *.safetensors or
-pytorch_model*.bin), or any llama2.c model.bin (v0, v1, v2). OUTPUT formats:
+pytorch_model*.bin), any llama2.c model.bin (v0, v1, v2), or a llama.cpp GGUF file of the
+"llama" architecture with f32, f16, bf16 or q8_0 tensors (dequantised to fp32). A GGUF's
+SentencePiece vocabulary goes with the model: to tokenizer.bin beside a model.bin OUTPUT, or
+into a GGUF OUTPUT. OUTPUT formats:
 
 - v0: legacy llama2.c fp32 (no magic; a negative vocab_size marks an unshared classifier)
 - v1: fp32 with a 256-byte header
@@ -14,9 +18,11 @@ pytorch_model*.bin), or any llama2.c model.bin (v0, v1, v2). OUTPUT formats:
 - hf: a directory that transformers' LlamaForCausalLM loads; with --tokenizer also the tokenizer
   (tokenizer.model, and a tokenizer.json so transformers needs no protobuf to convert it), so
   transformers.pipeline("text-generation", model=OUTPUT) works
-- gguf: a llama.cpp GGUF file (llama architecture), --outtype f32 or q8_0; the vocabulary comes from
-  --tokenizer tokenizer.model, else a placeholder one (<unk>, <s>, </s>, byte pieces, then "<tN>"),
-  enough to run a model from ids. Needs the `gguf` package (requirements-bench.txt)
+- gguf: a llama.cpp GGUF file (llama architecture), --outtype f32, f16 or q8_0; the vocabulary comes
+  from --tokenizer tokenizer.model, else from a GGUF INPUT, else a placeholder one (<unk>, <s>, </s>,
+  byte pieces, then "<tN>"), enough to run a model from ids
+
+GGUF in or out needs the `gguf` package (requirements-ci.txt).
 
 The exact byte layouts are in docs/formats.md. Checkpoints are always loaded with
 torch.load(weights_only=True): a file from the internet must not be able to run code.
@@ -242,8 +248,28 @@ def _sentencepiece(tokenizer_model, vocab_size: int):
     return sp
 
 
-def _gguf_vocab(vocab_size: int, tokenizer_model=None) -> tuple[list[str], list[float], list[int], tuple]:
-    """(pieces, scores, token types, (bos, eos, unk)) for GGUF's "llama" (SentencePiece) tokenizer."""
+@dataclasses.dataclass
+class GGUFVocab:
+    """A SentencePiece vocabulary as GGUF's "llama" tokenizer stores it: "▁" for spaces, <0xNN> byte pieces."""
+
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]  # gguf.TokenType
+    bos_id: int
+    eos_id: int
+    unk_id: int  # -1: none
+
+
+def _import_gguf(what: str):
+    try:
+        import gguf
+    except ImportError:
+        raise ModelFileError(f"{what} needs the gguf package (pip install -r requirements-ci.txt)") from None
+    return gguf
+
+
+def _gguf_vocab(vocab_size: int, tokenizer_model=None) -> GGUFVocab:
+    """The vocabulary of a SentencePiece tokenizer.model, or without one a placeholder."""
     from gguf import TokenType
 
     if tokenizer_model is not None:
@@ -262,41 +288,59 @@ def _gguf_vocab(vocab_size: int, tokenizer_model=None) -> tuple[list[str], list[
                 types.append(TokenType.NORMAL)
         pieces = [sp.id_to_piece(i) for i in range(vocab_size)]
         scores = [sp.get_score(i) for i in range(vocab_size)]
-        return pieces, scores, types, (sp.bos_id(), sp.eos_id(), sp.unk_id())
+        return GGUFVocab(pieces, scores, types, sp.bos_id(), sp.eos_id(), sp.unk_id())
     # Placeholder: the model runs from ids; llama.cpp needs the byte pieces (it looks up "<0x0A>").
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
     pieces += [f"<t{i}>" for i in range(len(pieces), vocab_size)]
     types += [TokenType.NORMAL] * (vocab_size - len(types))
-    return pieces[:vocab_size], [-float(i) for i in range(vocab_size)], types[:vocab_size], (1, 2, 0)
+    return GGUFVocab(pieces[:vocab_size], [-float(i) for i in range(vocab_size)], types[:vocab_size], 1, 2, 0)
 
 
-# our name -> llama.cpp's name, per layer. llama.cpp's "llama" architecture rotates adjacent
-# pairs (rope type NORM), as llama2.c and model.py do: wq and wk are written unpermuted.
+# our name -> llama.cpp's name, per layer. llama.cpp's "llama" architecture rotates adjacent pairs
+# (rope type NORM), as llama2.c and model.py do, so wq and wk are written unpermuted: its converter
+# undoes Hugging Face's half-split permutation (what _permute_from_hf does) before writing them.
 GGUF_LAYER_NAMES = {
     "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
     "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down", "feed_forward.w3": "ffn_up",
     "attention_norm": "attn_norm", "ffn_norm": "ffn_norm",
 }
-GGUF_OUTTYPES = ("f32", "q8_0")
+GGUF_OUTTYPES = ("f32", "f16", "q8_0")
 
 
-def write_gguf(model: Transformer, path, tokenizer_model=None, outtype: str = "f32") -> None:
-    """A GGUF file for llama.cpp: llama architecture, matrices in f32 or q8_0 (blocks of 32, fp16 scales).
+def _gguf_names(n_layers: int) -> dict[str, str]:
+    """llama.cpp's tensor name -> ours, output.weight included (absent from the file when shared)."""
+    names = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+             "output.weight": "output.weight"}
+    for i in range(n_layers):
+        for ours, theirs in GGUF_LAYER_NAMES.items():
+            names[f"blk.{i}.{theirs}.weight"] = f"layers.{i}.{ours}.weight"
+    return names
+
+
+def write_gguf(model: Transformer, path, tokenizer_model=None, outtype: str = "f32",
+               vocab: GGUFVocab | None = None) -> None:
+    """A GGUF file for llama.cpp: llama architecture, matrices in f32, f16 or q8_0 (blocks of 32, fp16 scales).
 
     Norms stay f32, as llama.cpp's converter keeps them; a matrix whose rows do not split into blocks
-    of 32 stays f32 too. A shared classifier is written once (llama.cpp reuses token_embd.weight).
+    of 32 stays f32 under q8_0. A shared classifier is written once (llama.cpp reuses token_embd.weight).
+    The vocabulary: `vocab`, else that of `tokenizer_model`, else a placeholder.
     """
-    try:
-        import gguf
-    except ImportError:
-        raise ModelFileError("--version gguf needs the gguf package (pip install -r requirements-bench.txt)") from None
+    gguf = _import_gguf("--version gguf")
     if outtype not in GGUF_OUTTYPES:
         raise ValueError(f"unknown GGUF type {outtype!r}: expected one of {', '.join(GGUF_OUTTYPES)}")
     args, tensors, shared = _export_state(model)
-    pieces, scores, types, (bos_id, eos_id, unk_id) = _gguf_vocab(args.vocab_size, tokenizer_model)
-    q8 = outtype == "q8_0"
-    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]
+    if vocab is None:
+        vocab = _gguf_vocab(args.vocab_size, tokenizer_model)
+    elif tokenizer_model is not None:
+        raise ValueError("give a vocabulary or a tokenizer model, not both")
+    if len(vocab.pieces) != args.vocab_size:
+        raise ValueError(f"the vocabulary has {len(vocab.pieces)} pieces but the model's vocab_size is "
+                         f"{args.vocab_size}")
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    block = gguf.GGML_QUANT_SIZES[q8][0]
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype]
 
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
     w = gguf.GGUFWriter(tmp, "llama")
@@ -312,28 +356,26 @@ def write_gguf(model: Transformer, path, tokenizer_model=None, outtype: str = "f
         w.add_rope_freq_base(args.rope_theta)
         w.add_layer_norm_rms_eps(args.norm_eps)
         w.add_vocab_size(args.vocab_size)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.ALL_F32)
+        w.add_file_type(file_type)
         w.add_tokenizer_model("llama")
-        w.add_token_list(pieces)
-        w.add_token_scores(scores)
-        w.add_token_types(types)
-        for add, i in ((w.add_bos_token_id, bos_id), (w.add_eos_token_id, eos_id), (w.add_unk_token_id, unk_id)):
+        w.add_token_list(vocab.pieces)
+        w.add_token_scores(vocab.scores)
+        w.add_token_types(vocab.types)
+        for add, i in ((w.add_bos_token_id, vocab.bos_id), (w.add_eos_token_id, vocab.eos_id),
+                       (w.add_unk_token_id, vocab.unk_id)):
             if i >= 0:
                 add(i)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
 
-        names = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight"}
-        if not shared:
-            names["output.weight"] = "output.weight"
-        for i in range(args.n_layers):
-            for ours, theirs in GGUF_LAYER_NAMES.items():
-                names[f"layers.{i}.{ours}.weight"] = f"blk.{i}.{theirs}.weight"
-        for ours, theirs in names.items():
+        for theirs, ours in _gguf_names(args.n_layers).items():
+            if ours == "output.weight" and shared:
+                continue
             t = np.ascontiguousarray(tensors[ours], dtype=np.float32)
-            if q8 and t.ndim == 2 and t.shape[1] % block == 0:
-                w.add_tensor(theirs, gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0),
-                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            if t.ndim == 2 and outtype == "f16":
+                w.add_tensor(theirs, t.astype(np.float16))
+            elif t.ndim == 2 and outtype == "q8_0" and t.shape[1] % block == 0:
+                w.add_tensor(theirs, gguf.quants.quantize(t, q8), raw_dtype=q8)
             else:
                 w.add_tensor(theirs, t)
         w.write_header_to_file()
@@ -511,8 +553,155 @@ def _load_hf(model_dir: Path) -> Transformer:
     return _build_model(args, sd, shared, model_dir)
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_READ_TYPES = ("F32", "F16", "BF16", "Q8_0")  # the tensor types read_gguf dequantises
+_REQUIRED = object()
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def _gguf_value(reader, path, key: str, kind: type, default=_REQUIRED):
+    """Metadata `key` as a `kind` (int, float or str), or `default` when the file lacks it."""
+    field = reader.fields.get(key)
+    if field is None:
+        if default is _REQUIRED:
+            raise ModelFileError(f"{path}: GGUF metadata lacks {key}")
+        return default
+    try:
+        value = field.contents()
+    except ValueError as e:  # a string that is not UTF-8
+        raise ModelFileError(f"{path}: GGUF metadata {key} is unreadable ({e})") from None
+    allowed = (int, float) if kind is float else kind
+    if not isinstance(value, allowed) or isinstance(value, bool):
+        raise ModelFileError(f"{path}: GGUF metadata {key} is a {type(value).__name__}, expected {kind.__name__}")
+    if kind is float and field.parts[-1].dtype == np.float32:
+        # the shortest decimal that is this float32: 1e-5, not 9.99999974738e-06, as the model was given it
+        value = float(str(np.float32(value)))
+    return value
+
+
+def _gguf_array(reader, path, key: str, kind: type) -> list:
+    """Metadata array `key`, every element a `kind`."""
+    field = reader.fields[key]
+    try:
+        values = field.contents()
+    except ValueError as e:
+        raise ModelFileError(f"{path}: GGUF metadata {key} is unreadable ({e})") from None
+    allowed = (int, float) if kind is float else kind
+    if not isinstance(values, list) or not all(isinstance(v, allowed) for v in values):
+        raise ModelFileError(f"{path}: GGUF metadata {key} is not an array of {kind.__name__}")
+    return values
+
+
+def _gguf_args(reader, path, vocab_size: int) -> ModelArgs:
+    """The model's shape from the "llama.*" metadata; what our model cannot compute is refused."""
+
+    def hparam(key, kind=int, default=_REQUIRED):
+        return _gguf_value(reader, path, f"llama.{key}", kind, default)
+
+    n_heads = hparam("attention.head_count")
+    args = _model_args(path, dim=hparam("embedding_length"), n_layers=hparam("block_count"), n_heads=n_heads,
+                       n_kv_heads=hparam("attention.head_count_kv", int, n_heads),
+                       hidden_dim=hparam("feed_forward_length"), vocab_size=vocab_size,
+                       norm_eps=hparam("attention.layer_norm_rms_epsilon", float),
+                       rope_theta=hparam("rope.freq_base", float, 10000.0), max_seq_len=hparam("context_length"))
+    if hparam("expert_count", int, 0):
+        raise ModelFileError(f"{path}: a mixture of experts (llama.expert_count) is not supported")
+    scaling = hparam("rope.scaling.type", str, "none")
+    if scaling != "none":
+        raise ModelFileError(f"{path}: RoPE scaling {scaling!r} is not supported (only plain RoPE)")
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        if hparam(key, int, args.head_dim) != args.head_dim:
+            raise ModelFileError(f"{path}: llama.{key} {hparam(key)} is not the head size {args.head_dim}; "
+                                 "not supported")
+    return args
+
+
+def _gguf_tensors(gguf, reader, path) -> dict[str, torch.Tensor]:
+    """The tensors in fp32, under our names; an unknown name or an unsupported type is refused first."""
+    n_layers = _gguf_value(reader, path, "llama.block_count", int)
+    names = _gguf_names(n_layers)
+    for t in reader.tensors:
+        if t.name not in names:
+            raise ModelFileError(f"{path}: unexpected tensor {t.name} (not part of a plain Llama model)")
+        if t.tensor_type.name not in GGUF_READ_TYPES:
+            raise ModelFileError(f"{path}: tensor {t.name} has type {t.tensor_type.name}; "
+                                 f"supported: {', '.join(GGUF_READ_TYPES)}")
+    present = {t.name for t in reader.tensors}
+    missing = [name for name in names if name not in present and name != "output.weight"]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelFileError(f"{path}: missing tensor {missing[0]}{more}")
+    sd = {}
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        shape = tuple(reversed([int(d) for d in t.shape]))  # ggml lists dimensions innermost first
+        sd[names[t.name]] = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape))
+    return sd
+
+
+def _gguf_vocab_of(gguf, reader, path, vocab_size: int) -> GGUFVocab | None:
+    """The file's SentencePiece ("llama") vocabulary, or None when it has none with scores."""
+    fields = reader.fields
+    if (_gguf_value(reader, path, "tokenizer.ggml.model", str, None) != "llama"
+            or "tokenizer.ggml.tokens" not in fields or "tokenizer.ggml.scores" not in fields):
+        return None
+    pieces = _gguf_array(reader, path, "tokenizer.ggml.tokens", str)
+    scores = [float(s) for s in _gguf_array(reader, path, "tokenizer.ggml.scores", float)]
+    types = (_gguf_array(reader, path, "tokenizer.ggml.token_type", int) if "tokenizer.ggml.token_type" in fields
+             else [int(gguf.TokenType.NORMAL)] * len(pieces))
+    for key, values in (("tokens", pieces), ("scores", scores), ("token_type", types)):
+        if len(values) != vocab_size:
+            raise ModelFileError(f"{path}: tokenizer.ggml.{key} has {len(values)} entries but token_embd.weight "
+                                 f"has {vocab_size} rows")
+    # llama.cpp's defaults for a SentencePiece vocabulary
+    ids = {role: _gguf_value(reader, path, f"tokenizer.ggml.{role}_token_id", int, default)
+           for role, default in (("bos", 1), ("eos", 2), ("unknown", 0))}
+    for role, i in ids.items():
+        if not 0 <= i < vocab_size:
+            raise ModelFileError(f"{path}: tokenizer.ggml.{role}_token_id {i} is not an id of the vocabulary")
+    return GGUFVocab(pieces, scores, types, ids["bos"], ids["eos"], ids["unknown"])
+
+
+def read_gguf(path) -> tuple[Transformer, GGUFVocab | None]:
+    """A Transformer (fp32) from a llama.cpp GGUF file of the "llama" architecture, and its SentencePiece
+    vocabulary (None if it has none). The weights are used as stored: llama.cpp's "llama" layout is ours."""
+    gguf = _import_gguf(f"{path}: reading GGUF")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
+        raise ModelFileError(f"{path}: not a readable GGUF file ({e})") from None
+    arch = _gguf_value(reader, path, "general.architecture", str)
+    if arch != "llama":
+        raise ModelFileError(f"{path}: GGUF architecture is {arch!r}; only 'llama' is supported")
+    sd = _gguf_tensors(gguf, reader, path)
+    vocab_size = sd["tok_embeddings.weight"].shape[0]
+    args = _gguf_args(reader, path, vocab_size)
+    vocab = _gguf_vocab_of(gguf, reader, path, vocab_size)
+    # output.weight absent: llama.cpp reuses the embedding; present and equal: tied as well
+    return _build_model(args, sd, None, path), vocab
+
+
+def write_tokenizer_bin(vocab: GGUFVocab, path) -> None:
+    """llama2.c's tokenizer.bin for a GGUF vocabulary, byte for byte what tokenizer.py writes for the same
+    SentencePiece model: BOS and EOS as "\\n<s>\\n" and "\\n</s>\\n", "▁" as a space, byte pieces as <0xNN>."""
+    pieces = []
+    for i, piece in enumerate(vocab.pieces):
+        text = "\n<s>\n" if i == vocab.bos_id else "\n</s>\n" if i == vocab.eos_id else piece.replace("▁", " ")
+        pieces.append(text.encode("utf-8"))
+    modelbin.write_tokenizer(path, pieces, vocab.scores)
+
+
+def tokenizer_bin_path(output) -> Path:
+    """Where the tokenizer.bin that goes with a model.bin OUTPUT is written: beside it."""
+    return Path(output).with_name("tokenizer.bin")
+
+
 def load_checkpoint(path) -> Transformer:
-    """A Transformer (fp32, eval mode) from any supported input: ckpt.pt, Meta dir, HF dir, or model.bin."""
+    """A Transformer (fp32, eval mode) from any supported input: ckpt.pt, Meta dir, HF dir, GGUF, or model.bin."""
     p = Path(path)
     if not p.exists():
         raise ModelFileError(f"{path}: no such file or directory")
@@ -527,6 +716,8 @@ def load_checkpoint(path) -> Transformer:
     # torch.save writes zip archives; a model.bin starts with the magic or a small int (v0's dim).
     if head == b"PK\x03\x04" or p.suffix in (".pt", ".pth", ".ckpt"):
         return _load_training_checkpoint(p)
+    if head == GGUF_MAGIC:
+        return read_gguf(p)[0]
     return load_model_bin(p)
 
 
@@ -549,13 +740,14 @@ def _same_path(a, b) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="ckpt.pt, a Meta or Hugging Face model directory, or a llama2.c model.bin")
+    parser.add_argument("input", help="ckpt.pt, a Meta or Hugging Face model directory, a llama2.c model.bin, "
+                                      "or a llama.cpp GGUF file")
     parser.add_argument("output", help="the model.bin to write (a directory for --version hf)")
     parser.add_argument("--version", default="0", choices=["0", "1", "2", "hf", "gguf"],
                         help="format (default 0, as llama2.c)")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model to include (hf, gguf)")
     parser.add_argument("--group_size", type=int, default=None, help="Q8_0 group size (v2; default: largest fit)")
-    parser.add_argument("--outtype", default=None, choices=GGUF_OUTTYPES, help="gguf only: f32 (default) or q8_0")
+    parser.add_argument("--outtype", default=None, choices=GGUF_OUTTYPES, help="gguf only: f32 (default), f16 or q8_0")
     args = parser.parse_args(argv)
     try:
         if _same_path(args.input, args.output):
@@ -567,21 +759,31 @@ def main(argv=None) -> int:
         if args.group_size is not None and args.version != "2":
             raise ModelFileError("--group_size only applies to --version 2")
         t0 = time.time()
-        model = load_checkpoint(args.input)
+        from_gguf = os.path.isfile(args.input) and _is_gguf(Path(args.input))
+        model, vocab = read_gguf(args.input) if from_gguf else (load_checkpoint(args.input), None)
         t1 = time.time()
+        tok_path = None  # a GGUF's vocabulary goes to tokenizer.bin beside a model.bin
+        if vocab is not None and args.version in ("0", "1", "2"):
+            tok_path = tokenizer_bin_path(args.output)
+            if _same_path(tok_path, args.output):
+                raise ModelFileError(f"{args.output}: the GGUF's vocabulary is written to tokenizer.bin beside the "
+                                     "model; give the model another name")
         kwargs = {}
         if args.version == "2":
             kwargs["group_size"] = args.group_size
         elif args.version == "hf":
             kwargs["tokenizer_model"] = args.tokenizer
         elif args.version == "gguf":
-            kwargs.update(tokenizer_model=args.tokenizer, outtype=args.outtype or "f32")
+            kwargs.update(tokenizer_model=args.tokenizer, outtype=args.outtype or "f32",
+                          vocab=vocab if args.tokenizer is None else None)
         try:
             result = export(model, args.output, args.version, **kwargs)
         except ValueError as e:
             if isinstance(e, ModelFileError):
                 raise
             raise ModelFileError(f"{args.output}: {e}") from None
+        if tok_path is not None:
+            write_tokenizer_bin(vocab, tok_path)
         t2 = time.time()
     except (ModelFileError, OSError) as e:
         msg = " ".join(str(e).split())  # exactly one line
@@ -591,6 +793,12 @@ def main(argv=None) -> int:
         print(f"Q8_0 worst quantization error: {result:.6g}")
     print(f"wrote {args.output} (version {args.version}, {_size_mb(Path(args.output)):.2f} MB, "
           f"{model.num_params() / 1e6:.2f}M params) in {t2 - t1:.2f}s (load {t1 - t0:.2f}s)")
+    if tok_path is not None:
+        print(f"wrote {tok_path} (the GGUF's vocabulary, {len(vocab.pieces)} pieces)")
+    elif from_gguf and args.version in ("0", "1", "2"):
+        print(f"no tokenizer.bin written: {args.input} has no SentencePiece ('llama') vocabulary")
+    elif vocab is not None and args.version == "hf" and args.tokenizer is None:
+        print(f"the GGUF's vocabulary is not written to {args.output}: pass --tokenizer tokenizer.model for one")
     return 0
 
 

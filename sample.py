@@ -9,14 +9,18 @@ a Meta Llama 2 directory or a Hugging Face Llama directory (see export.py).
 """
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 
-import torch
-
-from tokenizer import Tokenizer, TokenizerError, check_vocab_size
+from tokenizer import LLAMA2_BOS_ID, LLAMA2_EOS_ID, Tokenizer, TokenizerError, check_vocab_size
 
 LLAMA2_VOCAB = 32000
+
+
+class SampleError(Exception):
+    """A checkpoint or prompt sample.py cannot use; the message is one line, shown as is."""
 
 
 def default_tokenizer(vocab_size: int, checkpoint: str) -> str | None:
@@ -28,6 +32,35 @@ def default_tokenizer(vocab_size: int, checkpoint: str) -> str | None:
         if os.path.isfile(path):
             return path
     return None
+
+
+def is_model_bin(path: str) -> bool:
+    return os.path.isfile(path) and path.endswith(".bin")
+
+
+def open_model(args, stack: contextlib.ExitStack):
+    """(model, vocab_size, max_seq_len): a model.Transformer for --engine torch, a runtime.Model for --engine c.
+    The C runtime reads a model.bin itself, so that path never imports torch; any other checkpoint is
+    loaded with PyTorch and, for the C engine, exported to a temporary v1 model.bin."""
+    path = args.checkpoint
+    if args.engine == "torch" or not is_model_bin(path):
+        from export import ModelFileError, export, load_checkpoint
+
+        try:
+            model = load_checkpoint(path)
+        except ModelFileError as e:
+            raise SampleError(str(e)) from None
+        if args.engine == "torch":
+            return model, model.args.vocab_size, model.args.max_seq_len
+        path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "model.bin")
+        export(model, path, version=1)
+    import runtime
+
+    try:
+        cmodel = stack.enter_context(runtime.Model(path))
+    except runtime.RunError as e:
+        raise SampleError(str(e) if path in str(e) else f"{args.checkpoint}: {e}") from None
+    return cmodel, cmodel.vocab_size, cmodel.seq_len
 
 
 class TextStream:
@@ -56,6 +89,9 @@ class TextStream:
 
 
 def torch_stream(args, prompt_ids, model, stop_tokens):
+    import torch
+
+    model = model.to(args.device).eval()
     x = torch.tensor([prompt_ids], dtype=torch.long, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     for token in model.stream(
@@ -65,25 +101,13 @@ def torch_stream(args, prompt_ids, model, stop_tokens):
         yield int(token[0])
 
 
-def c_stream(args, prompt_ids, model):
-    """The same generation through the C runtime (librun.so); it reads model.bin files only,
-    so other checkpoints are first exported to a temporary v1 file."""
-    import tempfile
-
-    import runtime
-    from export import export
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.checkpoint
-        if not (os.path.isfile(path) and path.endswith(".bin")):
-            path = os.path.join(tmp, "model.bin")
-            export(model, path, version=1)
-        with runtime.Model(path) as cmodel:
-            # llama2.c counts steps as forward passes: the prompt after BOS, then one per new token.
-            # Like model.stream, keep the whole sequence within seq_len.
-            steps = min(len(prompt_ids) - 1 + args.max_new_tokens, cmodel.seq_len - 1)
-            ids = cmodel.generate(prompt_ids, steps=steps, temperature=args.temperature, topp=args.top_p,
-                                  seed=args.seed, stop_at_bos=False)
+def c_stream(args, prompt_ids, cmodel):
+    """The same generation through the C runtime (librun.so)."""
+    # llama2.c counts steps as forward passes: the prompt after BOS, then one per new token.
+    # Like model.stream, keep the whole sequence within seq_len.
+    steps = min(len(prompt_ids) - 1 + args.max_new_tokens, cmodel.seq_len - 1)
+    ids = cmodel.generate(prompt_ids, steps=steps, temperature=args.temperature, topp=args.top_p,
+                          seed=args.seed, stop_at_bos=False)
     yield from ids[len(prompt_ids):]
 
 
@@ -107,46 +131,39 @@ def main(argv=None) -> int:
         if bad:
             p.error(f"{flag} is out of range")
 
-    from export import ModelFileError, load_checkpoint
+    with contextlib.ExitStack() as stack:
+        try:
+            model, vocab_size, max_seq_len = open_model(args, stack)
+            tokenizer = None
+            if not args.ids:
+                path = args.tokenizer or default_tokenizer(vocab_size, args.checkpoint)
+                if path is None:
+                    raise SampleError(f"no tokenizer found for vocab_size {vocab_size}: pass --tokenizer (or --ids)")
+                tokenizer = Tokenizer(path)
+                check_vocab_size(tokenizer, vocab_size)
+            elif args.prompt:
+                raise SampleError("--prompt needs a tokenizer (drop --ids or pass --tokenizer)")
+            bos, eos = (tokenizer.bos_id, tokenizer.eos_id) if tokenizer else (LLAMA2_BOS_ID, LLAMA2_EOS_ID)
+            prompt_ids = tokenizer.encode(args.prompt, bos=True) if tokenizer else [bos]
+            if len(prompt_ids) >= max_seq_len:
+                raise SampleError(f"--prompt is {len(prompt_ids)} tokens; the model's max_seq_len is {max_seq_len}")
+        except (SampleError, TokenizerError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
-    try:
-        model = load_checkpoint(args.checkpoint)
-        vocab_size = model.args.vocab_size
-        tokenizer = None
-        if not args.ids:
-            path = args.tokenizer or default_tokenizer(vocab_size, args.checkpoint)
-            if path is None:
-                raise TokenizerError(f"no tokenizer found for vocab_size {vocab_size}: pass --tokenizer (or --ids)")
-            tokenizer = Tokenizer(path)
-            check_vocab_size(tokenizer, vocab_size)
-        if tokenizer is not None:
-            prompt_ids = tokenizer.encode(args.prompt, bos=True)
-        elif args.prompt:
-            raise TokenizerError("--prompt needs a tokenizer (drop --ids or pass --tokenizer)")
+        stop_tokens = () if args.no_stop else (bos, eos)  # a new BOS or an EOS ends a story
+        if args.engine == "torch":
+            tokens = torch_stream(args, prompt_ids, model, stop_tokens)
         else:
-            prompt_ids = [1]
-        if len(prompt_ids) >= model.args.max_seq_len:
-            raise TokenizerError(f"--prompt is {len(prompt_ids)} tokens; the model's max_seq_len is "
-                                 f"{model.args.max_seq_len}")
-    except (ModelFileError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-    stop_tokens = () if args.no_stop else (1, 2)  # a new BOS or an EOS ends a story
-    if args.engine == "torch":
-        model = model.to(args.device).eval()
-        tokens = torch_stream(args, prompt_ids, model, stop_tokens)
-    else:
-        tokens = c_stream(args, prompt_ids, model)
-    out = TextStream(tokenizer, prompt_ids)
-    out.start()
-    for token in tokens:
-        if token in stop_tokens:
-            break
-        out.push(token)
-    print(flush=True)
+            tokens = c_stream(args, prompt_ids, model)
+        out = TextStream(tokenizer, prompt_ids)
+        out.start()
+        for token in tokens:
+            if token in stop_tokens:
+                break
+            out.push(token)
+        print(flush=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
+from atomicfile import WriteError
 from configs import ConfigError, TrainConfig, load_config
 from model import ModelArgs, Transformer
 from tinystories import BatchLoader, DataError
-
-CKPT_NAME = "ckpt.pt"
 
 
 class TrainError(Exception):
@@ -99,44 +99,6 @@ def flops_per_token(args: ModelArgs, n_params: int) -> float:
     return 6 * n_params + 12 * args.n_layers * args.dim * args.max_seq_len
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def load_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise TrainError(f"{path}: no checkpoint to resume from (train with --init_from=scratch first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a damaged file
-        raise TrainError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    missing = {"model", "optimizer", "model_args", "iter_num", "config"} - set(ckpt if isinstance(ckpt, dict) else ())
-    if missing:
-        raise TrainError(f"{path}: not a training checkpoint (missing {', '.join(sorted(missing))})")
-    return ckpt
-
-
-def clean_state_dict(state_dict: dict) -> dict:
-    """Drop the prefixes torch.compile and DDP add to parameter names."""
-    for prefix in ("_orig_mod.", "module."):
-        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
-    return state_dict
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -195,7 +157,7 @@ def _train(cfg, ddp, rank, world_size, master, device, device_type, log, stop_re
         )
     accum_steps = cfg.gradient_accumulation_steps // world_size
     tokens_per_iter = accum_steps * world_size * cfg.batch_size * cfg.max_seq_len
-    ckpt_path = os.path.join(cfg.out_dir, CKPT_NAME)
+    ckpt_path = os.path.join(cfg.out_dir, checkpoint.CKPT_NAME)
     log(f"tokens per iteration: {tokens_per_iter:,} ({world_size} processes x {accum_steps} accumulation steps "
         f"x {cfg.batch_size} batch x {cfg.max_seq_len} tokens)")
 
@@ -210,8 +172,10 @@ def _train(cfg, ddp, rank, world_size, master, device, device_type, log, stop_re
     # Model, optimizer and data, fresh or from the checkpoint.
     ckpt = None
     if cfg.init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
-        model_args = ModelArgs(**ckpt["model_args"])
+        if not os.path.isfile(ckpt_path):
+            raise TrainError(f"{ckpt_path}: no checkpoint to resume from (train with --init_from=scratch first)")
+        ckpt = checkpoint.load(ckpt_path)
+        model_args = checkpoint.model_args(ckpt, ckpt_path)
         if model_args != cfg.model_args():
             log(f"note: model shape taken from {ckpt_path}, not from the config")
     elif cfg.init_from == "scratch":
@@ -232,7 +196,7 @@ def _train(cfg, ddp, rank, world_size, master, device, device_type, log, stop_re
     optimizer = make_optimizer(model, cfg, device_type)
     iter_num, best_val_loss = 0, float("inf")
     if ckpt is not None:
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
+        model.load_state_dict(checkpoint.clean_state_dict(ckpt["model"]))
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         train_loader.load_state_dict(ckpt["data_state"])
@@ -300,7 +264,7 @@ def _train(cfg, ddp, rank, world_size, master, device, device_type, log, stop_re
         state = checkpoint_state()  # collective in DDP: every rank takes part
         if master:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            save_checkpoint(ckpt_path, state)
+            checkpoint.save(ckpt_path, state)
             log(f"saved {ckpt_path} at iteration {iter_num} ({reason})")
 
     metrics_path = os.path.join(cfg.out_dir, "log.jsonl")
@@ -409,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         train(cfg)
-    except (ConfigError, DataError, TrainError) as e:
+    except (ConfigError, DataError, TrainError, checkpoint.CheckpointError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

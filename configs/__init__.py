@@ -7,13 +7,14 @@ message that lists the valid keys. Nothing is exec()'d.
     cfg = load_config("configs/stories15M.toml", ["--batch_size=32", "--compile=false"])
 """
 
-import dataclasses
 import difflib
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from model import ModelArgs
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -23,18 +24,11 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TrainConfig:
-    # model shape (see model.ModelArgs)
-    dim: int = 288
-    n_layers: int = 6
-    n_heads: int = 6
-    n_kv_heads: int | None = None
-    vocab_size: int = 32000  # 32000: the Llama 2 tokenizer; anything else: a custom tok{N}
-    hidden_dim: int | None = None
-    multiple_of: int = 32
-    norm_eps: float = 1e-5
-    max_seq_len: int = 256
-    dropout: float = 0.0
+class TrainConfig(ModelArgs):
+    """Every key a config may set. First the model's shape: the fields of model.ModelArgs (dim, n_layers,
+    n_heads, ...) with their types and defaults; vocab_size 32000 is the Llama 2 tokenizer, any other N a
+    custom tok{N} vocabulary. Then the keys of training itself, below."""
+
     # data
     data_dir: str = "data"
     # I/O
@@ -70,11 +64,14 @@ class TrainConfig:
     wandb_project: str = "llama2-toolkit"
     wandb_run_name: str = "run"
 
-    def model_args(self):
-        from model import ModelArgs
+    def __post_init__(self):
+        pass  # the shape is checked (and None filled in) by model_args(), not here: a config keeps what it was given
 
-        names = {f.name for f in fields(ModelArgs)}
-        return ModelArgs(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+    def model_args(self) -> ModelArgs:
+        try:
+            return ModelArgs(**{f.name: getattr(self, f.name) for f in fields(ModelArgs)})
+        except ValueError as e:
+            raise ConfigError(f"model shape: {e}") from None
 
 
 def _field_types() -> dict[str, type]:
@@ -155,6 +152,6 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainConf
     return TrainConfig(**values)
 
 
-def model_preset(name: str):
+def model_preset(name: str) -> ModelArgs:
     """ModelArgs of a preset such as "stories15M" (configs/stories15M.toml)."""
     return load_config(str(CONFIG_DIR / f"{name}.toml")).model_args()

@@ -50,13 +50,25 @@ def test_streams_the_decoded_text(tiny_llama2_vocab_model, engine):
     tok = Tokenizer(str(LLAMA2_TOKENIZER_MODEL))
     prompt = "Once upon a time"
     ids = tok.encode(prompt)
-    out = model.generate(torch.tensor([ids]), 30, temperature=0.0, stop_tokens=(1, 2))[0].tolist()
-    if out[-1] in (1, 2):
+    stop = (tok.bos_id, tok.eos_id)
+    out = model.generate(torch.tensor([ids]), 30, temperature=0.0, stop_tokens=stop)[0].tolist()
+    if out[-1] in stop:
         out = out[:-1]
     r = sample("--checkpoint", d / "ckpt.pt", "--tokenizer", LLAMA2_TOKENIZER_MODEL, "--prompt", prompt,
                "--temperature", 0, "--max_new_tokens", 30, "--engine", engine)
     assert r.returncode == 0, r.stderr
     assert r.stdout == tok.decode(out) + "\n"
+
+
+def test_the_c_engine_does_not_import_torch():
+    path = need(STORIES260K)
+    r = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "sample.py"), "--checkpoint", str(path),
+                        "--ids", "--engine", "c", "--temperature", "0", "--max_new_tokens", "5"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")]
+    assert "tokenizer" in imported and "runtime" in imported  # the log is read right
+    assert not [name for name in imported if name.split(".")[0] == "torch"]
 
 
 def test_seeded_sampling_repeats(tiny_llama2_vocab_model):

@@ -293,12 +293,15 @@ def test_synth_pronouns_are_consistent(tmp_path):
             assert second.startswith("He ")
 
 
-def test_synth_refuses_to_overwrite_a_real_corpus(tmp_path):
+def test_synth_refuses_to_overwrite_a_real_corpus(tmp_path, capsys):
     real = tmp_path / "TinyStories_all_data"
     real.mkdir()
     (real / "data00.json").write_text('[{"story": "real"}]')
     with pytest.raises(ts.DataError, match="not synthetic"):
         ts.synth(str(tmp_path), n_shards=1, stories_per_shard=5)
+    assert ts.main(["synth", "--data_dir", str(tmp_path), "--n_shards", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not synthetic" in err and "--force" in err
     assert (real / "data00.json").read_text() == '[{"story": "real"}]'
     ts.synth(str(tmp_path), n_shards=1, stories_per_shard=5, force=True)
     assert ts.is_synthetic(str(real))

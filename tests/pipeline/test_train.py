@@ -135,11 +135,11 @@ def test_sigint_saves_a_checkpoint_that_resumes(data_dir, tmp_path):
 KILL_WHILE_SAVING = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from train import save_checkpoint
+import checkpoint
 big = {{"model": {{"w": torch.randn(4_000_000)}}, "iter_num": -1}}
 print("saving", flush=True)
 while True:
-    save_checkpoint({path!r}, big)
+    checkpoint.save({path!r}, big)
 """
 
 
@@ -191,7 +191,7 @@ def test_corrupt_checkpoint_is_reported_and_kept(data_dir, tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
     before = (tmp_path / "ckpt.pt").read_bytes()
     r = train_cli(*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=2")
-    one_line_error(r, "ckpt.pt", "cannot read checkpoint")
+    one_line_error(r, "ckpt.pt", "cannot load as a PyTorch checkpoint")
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
 
@@ -220,3 +220,17 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.5 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+def test_checkpoint_names_lose_the_compile_and_ddp_prefixes():
+    import checkpoint
+
+    w = torch.zeros(2)
+    sd = {"module._orig_mod.norm.weight": w, "_orig_mod.output.weight": w, "rope_cos": w, "layers.0.x": w}
+    assert list(checkpoint.clean_state_dict(sd)) == ["norm.weight", "output.weight", "layers.0.x"]
+
+
+def test_resume_needs_a_training_checkpoint(data_dir, tmp_path):
+    torch.save({"model": {}, "model_args": {}}, tmp_path / "ckpt.pt")  # weights only: no optimizer state
+    r = train_cli(*TINY, f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=2")
+    one_line_error(r, "ckpt.pt", "not a training checkpoint", "optimizer")

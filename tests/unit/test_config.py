@@ -72,3 +72,20 @@ def test_loader_does_not_execute_code(tmp_path):
     with pytest.raises(ConfigError):
         load_config(None, [f"--out_dir=x', open({str(marker)!r}, 'w'), '"] + ["--dim=__import__('os')"])
     assert not marker.exists()
+
+
+def test_the_model_keys_are_the_fields_of_model_args():
+    from dataclasses import fields
+
+    from model import ModelArgs
+
+    model_keys = [f.name for f in fields(ModelArgs)]
+    assert [f.name for f in fields(TrainConfig)][: len(model_keys)] == model_keys
+    cfg = load_config(None, ["--dim=64", "--n_heads=4", "--hidden_dim=100", "--norm_eps=1e-6"])
+    assert cfg.model_args() == ModelArgs(dim=64, n_heads=4, hidden_dim=100, norm_eps=1e-6)
+    assert load_config(None, []).n_kv_heads is None  # filled in by ModelArgs, not by the config
+
+
+def test_an_impossible_shape_is_a_config_error():
+    with pytest.raises(ConfigError, match="dim 65 is not divisible by n_heads 6"):
+        load_config(None, ["--dim=65", "--n_heads=6"]).model_args()

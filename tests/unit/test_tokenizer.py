@@ -57,3 +57,12 @@ def test_bad_tokenizer_files_get_one_line_errors(tmp_path):
         Tokenizer(str(junk))
     r = subprocess.run([sys.executable, str(ROOT / "tokenizer.py"), "-t", str(junk)], capture_output=True, text=True)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "junk.model" in r.stderr
+
+
+def test_bos_and_eos_come_from_the_model(llama2_model_copy):
+    """Meta's tokenizer.model says <s> is 1 and </s> is 2: the ids llama2.c (and sample.py --ids) assume."""
+    from tokenizer import LLAMA2_BOS_ID, LLAMA2_EOS_ID
+
+    tok = Tokenizer(str(llama2_model_copy))
+    assert (tok.bos_id, tok.eos_id) == (1, 2) == (LLAMA2_BOS_ID, LLAMA2_EOS_ID)
+    assert tok.sp.id_to_piece(tok.bos_id) == "<s>" and tok.sp.id_to_piece(tok.eos_id) == "</s>"
