@@ -23,6 +23,11 @@ def atomic_write(path, mode: str = "wb", **open_kwargs):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise WriteError(f"{path}: cannot write, directory {folder} does not exist")
+    # The rename would replace whatever is there: never a directory, a FIFO or a device such as /dev/null.
+    if os.path.isdir(path):
+        raise WriteError(f"{path}: is a directory; give a file name to write")
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise WriteError(f"{path}: not a regular file (a FIFO or device?); refusing to replace it")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     except OSError as e:

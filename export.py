@@ -1,5 +1,6 @@
 """Convert models between our checkpoints, Meta's and Hugging Face's Llama 2 layouts, and llama2.c's model.bin.
 
+    python export.py out/demo out/demo/model.bin       # a train.py out_dir (its ckpt.pt) -> llama2.c's v0
     python export.py out/ckpt.pt out/model.bin --version 2
     python export.py stories15M.bin hf_dir --version hf --tokenizer tokenizer.model
     python export.py stories15M.bin stories15M.gguf --version gguf --outtype q8_0 --tokenizer tokenizer.model
@@ -28,7 +29,6 @@ The exact byte layouts are in docs/formats.md. Checkpoints are always loaded wit
 torch.load(weights_only=True): a file from the internet must not be able to run code.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -41,8 +41,9 @@ import numpy as np
 import torch
 
 import checkpoint
+import cmdline
 import modelbin
-from atomicfile import atomic_write
+from atomicfile import WriteError, atomic_write
 from model import ModelArgs, Transformer, rope_tables
 from modelbin import FormatError, Header, pick_group_size
 
@@ -155,7 +156,18 @@ def _tokenizer_json(sp) -> str:
 
 
 def write_hf(model: Transformer, out_dir, tokenizer_model=None) -> None:
-    """A Hugging Face LlamaForCausalLM directory: config.json + model.safetensors (+ the tokenizer, if given)."""
+    """A Hugging Face LlamaForCausalLM directory: config.json + model.safetensors (+ the tokenizer, if given).
+    If writing fails, a directory this call created is removed again."""
+    created = not Path(out_dir).exists()
+    try:
+        _write_hf(model, Path(out_dir), tokenizer_model)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _write_hf(model: Transformer, out: Path, tokenizer_model) -> None:
     from safetensors.torch import save_file
 
     a = model.args
@@ -207,12 +219,13 @@ def write_hf(model: Transformer, out_dir, tokenizer_model=None) -> None:
         "eos_token_id": eos_id,
         "use_cache": True,
     }
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"model.safetensors.tmp{os.getpid()}"
     try:
         save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
         os.replace(tmp, out / "model.safetensors")
+    except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own SafetensorError
+        raise WriteError(f"{out / 'model.safetensors'}: write failed ({' '.join(str(e).split())})") from None
     finally:
         tmp.unlink(missing_ok=True)
     _write_json(out / "config.json", config)
@@ -233,15 +246,12 @@ def write_hf(model: Transformer, out_dir, tokenizer_model=None) -> None:
 
 def _sentencepiece(tokenizer_model, vocab_size: int):
     """Load a SentencePiece model and check it has the model's vocabulary size."""
-    from sentencepiece import SentencePieceProcessor
+    from tokenizer import Tokenizer, TokenizerError
 
-    if not os.path.isfile(tokenizer_model):
-        raise ModelFileError(f"{tokenizer_model}: tokenizer model not found")
-    sp = SentencePieceProcessor()
     try:
-        sp.Load(os.fspath(tokenizer_model))
-    except (OSError, RuntimeError) as e:
-        raise ModelFileError(f"{tokenizer_model}: not a SentencePiece model ({e})") from None
+        sp = Tokenizer(os.fspath(tokenizer_model)).sp
+    except TokenizerError as e:
+        raise ModelFileError(str(e)) from None
     if sp.vocab_size() != vocab_size:
         raise ModelFileError(f"{tokenizer_model}: tokenizer has {sp.vocab_size()} pieces but the model's "
                              f"vocab_size is {vocab_size}")
@@ -391,6 +401,7 @@ def write_gguf(model: Transformer, path, tokenizer_model=None, outtype: str = "f
 def export(model: Transformer, path, version, **kwargs):
     """Write `model` as version 0, 1, 2 (model.bin), "hf" (a directory) or "gguf". Returns v2's max error, else None."""
     version = str(version)
+    modelbin.check_finite({name: _fp32(t) for name, t in model.state_dict().items()}, path)  # nothing written
     if version == "0":
         return write_v0(model, path)
     if version == "1":
@@ -409,14 +420,28 @@ def export(model: Transformer, path, version, **kwargs):
 
 
 def _build_model(args: ModelArgs, sd: dict, shared: bool | None, source) -> Transformer:
-    """Transformer.from_state_dict, with `source` named in the error when the weights do not fit."""
+    """Transformer.from_state_dict, with `source` named in the error when the weights do not fit or are not
+    all finite."""
+    modelbin.check_finite(sd, source)
     try:
         return Transformer.from_state_dict(args, sd, shared)
     except ValueError as e:
         raise ModelFileError(f"{source}: {e}") from None
 
 
+_SIZE_LIMITS = {**modelbin.MAX_HEADER, "max_seq_len": modelbin.MAX_HEADER["seq_len"]}  # what a model.bin holds
+
+
 def _model_args(source, **fields) -> ModelArgs:
+    """ModelArgs from a checkpoint's own description of its shape: sizes must be ints within what model.bin
+    holds (checked before anything is allocated), norm_eps and rope_theta positive numbers."""
+    for name, value in fields.items():
+        if name in _SIZE_LIMITS and not (isinstance(value, int) and not isinstance(value, bool)
+                                         and 1 <= value <= _SIZE_LIMITS[name]):
+            raise ModelFileError(f"{source}: invalid model shape ({name} is {value!r}, not an integer between 1 "
+                                 f"and {_SIZE_LIMITS[name]})")
+        if name in ("norm_eps", "rope_theta") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ModelFileError(f"{source}: invalid model shape ({name} is {value!r}, not a number)")
     try:
         return ModelArgs(**fields)
     except (ValueError, TypeError) as e:
@@ -503,9 +528,9 @@ def _load_hf(model_dir: Path) -> Transformer:
     # Our model has none of these; refuse rather than silently computing something else.
     if cfg.get("rope_scaling"):
         raise ModelFileError(f"{model_dir}: rope_scaling {cfg.get('rope_scaling')} is not supported (only plain RoPE)")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("head_dim", D // n_heads) != D // n_heads:
+    args = _model_args(model_dir / "config.json", **fields)  # checked before the head size is computed from it
+    if cfg.get("attention_bias") or cfg.get("mlp_bias") or cfg.get("head_dim", args.head_dim) != args.head_dim:
         raise ModelFileError(f"{model_dir}: biases or a custom head_dim are not supported")
-    args = _model_args(model_dir, **fields)
 
     files = sorted(model_dir.glob("*.safetensors"))
     raw = {}
@@ -620,10 +645,9 @@ def _gguf_args(reader, path, vocab_size: int) -> ModelArgs:
     return args
 
 
-def _gguf_tensors(gguf, reader, path) -> dict[str, torch.Tensor]:
-    """The tensors in fp32, under our names; an unknown name or an unsupported type is refused first."""
-    n_layers = _gguf_value(reader, path, "llama.block_count", int)
-    names = _gguf_names(n_layers)
+def _gguf_check_tensors(reader, path) -> dict[str, str]:
+    """llama.cpp's tensor name -> ours, once every tensor is known, of a type we read, and none is missing."""
+    names = _gguf_names(_gguf_value(reader, path, "llama.block_count", int))
     for t in reader.tensors:
         if t.name not in names:
             raise ModelFileError(f"{path}: unexpected tensor {t.name} (not part of a plain Llama model)")
@@ -635,11 +659,19 @@ def _gguf_tensors(gguf, reader, path) -> dict[str, torch.Tensor]:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ModelFileError(f"{path}: missing tensor {missing[0]}{more}")
+    return names
+
+
+def _gguf_shape(t) -> tuple[int, ...]:
+    return tuple(reversed([int(d) for d in t.shape]))  # ggml lists dimensions innermost first
+
+
+def _gguf_tensors(gguf, reader, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors in fp32, under our names."""
     sd = {}
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type)
-        shape = tuple(reversed([int(d) for d in t.shape]))  # ggml lists dimensions innermost first
-        sd[names[t.name]] = torch.from_numpy(np.array(w, dtype=np.float32).reshape(shape))
+        sd[names[t.name]] = torch.from_numpy(np.array(w, dtype=np.float32).reshape(_gguf_shape(t)))
     return sd
 
 
@@ -677,10 +709,11 @@ def read_gguf(path) -> tuple[Transformer, GGUFVocab | None]:
     arch = _gguf_value(reader, path, "general.architecture", str)
     if arch != "llama":
         raise ModelFileError(f"{path}: GGUF architecture is {arch!r}; only 'llama' is supported")
-    sd = _gguf_tensors(gguf, reader, path)
-    vocab_size = sd["tok_embeddings.weight"].shape[0]
+    names = _gguf_check_tensors(reader, path)
+    vocab_size = next(_gguf_shape(t)[0] for t in reader.tensors if t.name == "token_embd.weight")
     args = _gguf_args(reader, path, vocab_size)
     vocab = _gguf_vocab_of(gguf, reader, path, vocab_size)
+    sd = _gguf_tensors(gguf, reader, names)  # only now, when nothing is refused: the slow part
     # output.weight absent: llama.cpp reuses the embedding; present and equal: tied as well
     return _build_model(args, sd, None, path), vocab
 
@@ -711,6 +744,8 @@ def load_checkpoint(path) -> Transformer:
         if (p / "config.json").is_file():
             return _load_hf(p)
         raise ModelFileError(f"{path}: directory has neither params.json (Meta) nor config.json (Hugging Face)")
+    if not p.is_file():  # a FIFO would block the read below, a device never end
+        raise ModelFileError(f"{path}: not a regular file")
     with open(p, "rb") as f:
         head = f.read(4)
     # torch.save writes zip archives; a model.bin starts with the magic or a small int (v0's dim).
@@ -723,6 +758,9 @@ def load_checkpoint(path) -> Transformer:
 
 # -----------------------------------------------------------------------------
 # command line
+
+
+LARGE_MB = 200  # inputs above this size get a line before each slow step
 
 
 def _size_mb(path: Path) -> float:
@@ -738,27 +776,55 @@ def _same_path(a, b) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _check_output(path: str, version: str) -> None:
+    """Refuse, before the (slow) load, an output that cannot be written: checked again when it is."""
+    p = Path(path)
+    if not p.absolute().parent.is_dir():
+        raise ModelFileError(f"{path}: cannot write, directory {p.absolute().parent} does not exist")
+    if version == "hf":
+        if p.exists() and not p.is_dir():
+            raise ModelFileError(f"{path}: exists and is not a directory (--version hf writes a directory)")
+    elif p.is_dir():
+        raise ModelFileError(f"{path}: is a directory; give a file name to write")
+    elif p.exists() and not p.is_file():
+        raise ModelFileError(f"{path}: not a regular file (a FIFO or device?); refusing to replace it")
+
+
+def _training_checkpoint_in(path: str) -> str:
+    """A train.py out_dir stands for the ckpt.pt in it; any other path is itself."""
+    p = Path(path)
+    if p.is_dir() and (p / checkpoint.CKPT_NAME).is_file() and not any(
+            (p / name).is_file() for name in ("params.json", "config.json")):
+        return str(p / checkpoint.CKPT_NAME)
+    return path
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="ckpt.pt, a Meta or Hugging Face model directory, a llama2.c model.bin, "
-                                      "or a llama.cpp GGUF file")
+    parser = cmdline.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", help="ckpt.pt or the train.py out_dir holding it, a Meta or Hugging Face model "
+                                      "directory, a llama2.c model.bin, or a llama.cpp GGUF file")
     parser.add_argument("output", help="the model.bin to write (a directory for --version hf)")
     parser.add_argument("--version", default="0", choices=["0", "1", "2", "hf", "gguf"],
                         help="format (default 0, as llama2.c)")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece tokenizer.model to include (hf, gguf)")
-    parser.add_argument("--group_size", type=int, default=None, help="Q8_0 group size (v2; default: largest fit)")
+    parser.add_argument("--group_size", type=cmdline.at_least(1), default=None,
+                        help="Q8_0 group size (v2; default: largest fit)")
     parser.add_argument("--outtype", default=None, choices=GGUF_OUTTYPES, help="gguf only: f32 (default), f16 or q8_0")
     args = parser.parse_args(argv)
+    for flag, versions in (("tokenizer", ("hf", "gguf")), ("outtype", ("gguf",)), ("group_size", ("2",))):
+        if getattr(args, flag) is not None and args.version not in versions:
+            parser.error(f"--{flag} only applies to --version {' or '.join(versions)}")
+    if not args.output.strip():
+        parser.error("the output path is empty")
+    args.input = _training_checkpoint_in(args.input)
     try:
         if _same_path(args.input, args.output):
             raise ModelFileError(f"{args.output}: output is the input; refusing to overwrite it")
-        if args.tokenizer is not None and args.version not in ("hf", "gguf"):
-            raise ModelFileError(f"{args.tokenizer}: --tokenizer only applies to --version hf or gguf")
-        if args.outtype is not None and args.version != "gguf":
-            raise ModelFileError("--outtype only applies to --version gguf")
-        if args.group_size is not None and args.version != "2":
-            raise ModelFileError("--group_size only applies to --version 2")
+        _check_output(args.output, args.version)
         t0 = time.time()
+        large = Path(args.input).exists() and _size_mb(Path(args.input)) > LARGE_MB  # say what takes long
+        if large:
+            print(f"loading {args.input} ({_size_mb(Path(args.input)):,.0f} MB) ...", flush=True)
         from_gguf = os.path.isfile(args.input) and _is_gguf(Path(args.input))
         model, vocab = read_gguf(args.input) if from_gguf else (load_checkpoint(args.input), None)
         t1 = time.time()
@@ -776,12 +842,18 @@ def main(argv=None) -> int:
         elif args.version == "gguf":
             kwargs.update(tokenizer_model=args.tokenizer, outtype=args.outtype or "f32",
                           vocab=vocab if args.tokenizer is None else None)
+        if large:
+            print(f"writing {args.output} (version {args.version}) ...", flush=True)
         try:
             result = export(model, args.output, args.version, **kwargs)
         except ValueError as e:
             if isinstance(e, ModelFileError):
                 raise
             raise ModelFileError(f"{args.output}: {e}") from None
+        except OSError as e:
+            if isinstance(e, WriteError) or args.output in str(e):
+                raise
+            raise ModelFileError(f"{args.output}: write failed ({e.strerror or e}); nothing written") from None
         if tok_path is not None:
             write_tokenizer_bin(vocab, tok_path)
         t2 = time.time()

@@ -105,24 +105,21 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
 
-        if kv_cache is None:
-            mask, is_causal = None, True
-        else:
-            # Store this step's keys/values, then attend over everything so far.
+        mask, is_causal = None, kv_cache is None
+        if kv_cache is not None:
+            # Store this step's keys/values in place, then attend over everything so far: one new token
+            # sees every key; query i of a longer chunk (the prompt) sees keys up to start_pos + i.
             cache_k, cache_v = kv_cache
             cache_k[:B, :, start_pos : start_pos + T] = k
             cache_v[:B, :, start_pos : start_pos + T] = v
             k, v = cache_k[:B, :, : start_pos + T], cache_v[:B, :, : start_pos + T]
-            query_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-            mask = torch.arange(start_pos + T, device=x.device)[None, :] <= query_pos[:, None]
-            is_causal = False
+            if T > 1:
+                mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
 
         # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
-        n_rep = self.n_heads // self.n_kv_heads
-        if n_rep > 1:
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_heads != self.n_kv_heads,
         )
         out = out.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.wo(out))
@@ -197,6 +194,14 @@ class Transformer(nn.Module):
         With a kv_cache (from new_kv_cache), tokens are positions start_pos.. of a
         sequence whose earlier keys/values the cache already holds.
         """
+        logits = self.output(self.hidden_states(tokens, kv_cache, start_pos)).float()
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def hidden_states(self, tokens, kv_cache=None, start_pos: int = 0):
+        """tokens (B, T) -> the normed last hidden states (B, T, dim) that the classifier reads."""
         T = tokens.shape[1]
         if start_pos + T > self.args.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
@@ -205,50 +210,66 @@ class Transformer(nn.Module):
         h = self.dropout(self.tok_embeddings(tokens))
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, None if kv_cache is None else kv_cache[i], start_pos)
-        logits = self.output(self.norm(h)).float()
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+        return self.norm(h)
+
+    def next_logits(self, tokens, kv_cache=None, start_pos: int = 0):
+        """Logits (B, vocab) of the token after `tokens` (B, T): only the last position is classified."""
+        return self.output(self.hidden_states(tokens, kv_cache, start_pos)[:, -1]).float()
 
     def new_kv_cache(self, batch_size: int = 1):
-        """One (keys, values) pair per layer, each (B, n_kv_heads, max_seq_len, head_dim)."""
+        """One (keys, values) pair per layer, each (B, n_kv_heads, max_seq_len, head_dim), written in place."""
         a, p = self.args, self.tok_embeddings.weight
         shape = (batch_size, a.n_kv_heads, a.max_seq_len, a.head_dim)
         return [(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(a.n_layers)]
 
+    def compiled_next_logits(self):
+        """next_logits through torch.compile, compiled on first use and kept for this model's later calls.
+
+        Only the one-token steps go through it (the prompt runs eagerly), so the position is its one
+        changing input: dynamic=True makes it symbolic, one compile serves every position.
+        """
+        if getattr(self, "_compiled_next_logits", None) is None:
+            self._compiled_next_logits = torch.compile(self.next_logits, dynamic=True)
+        return self._compiled_next_logits
+
     @torch.inference_mode()
     def stream(self, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None,
-               stop_tokens=(), use_cache: bool = True):
+               stop_tokens=(), use_cache: bool = True, compile: bool = False):
         """Yield new token ids (B,) one step at a time, continuing `tokens` (B, T).
 
-        Stops early once every sequence has produced one of `stop_tokens`
-        (e.g. BOS/EOS). Stops at max_seq_len.
+        Stops early once every sequence has produced one of `stop_tokens` (e.g. BOS/EOS), and at
+        max_seq_len. use_cache=False recomputes the whole sequence for every token, as llama2.c's
+        model.py does (same ids, slower). compile=True runs the one-token steps through
+        torch.compile: it pays only over thousands of tokens (see bench/bench_torch.py).
         """
-        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - tokens.shape[1])
-        cache = self.new_kv_cache(tokens.shape[0]) if use_cache else None
-        seq, pos, step_input = tokens, 0, tokens
-        done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        for _ in range(max_new_tokens):
-            if use_cache:
-                logits, _ = self(step_input, kv_cache=cache, start_pos=pos)
-                pos += step_input.shape[1]
+        B, T = tokens.shape
+        end = T + max(0, min(max_new_tokens, self.args.max_seq_len - T))
+        seq = tokens.new_empty(B, end)  # the whole sequence, filled in as it grows
+        seq[:, :T] = tokens
+        cache = self.new_kv_cache(B) if use_cache else None
+        one_token_step = self.compiled_next_logits() if compile and use_cache else self.next_logits
+        stop = torch.tensor(list(stop_tokens), dtype=seq.dtype, device=seq.device) if stop_tokens else None
+        done = torch.zeros(B, dtype=torch.bool, device=seq.device)
+        for pos in range(T, end):
+            if not use_cache:
+                logits = self.next_logits(seq[:, :pos])
+            elif pos == T:
+                logits = self.next_logits(tokens, cache, 0)  # the prompt fills the cache
             else:
-                logits, _ = self(seq)  # recompute the whole sequence, as llama2.c's model.py does
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            yield next_token
-            seq = torch.cat((seq, next_token[:, None]), dim=1)
-            step_input = next_token[:, None]
-            done |= torch.isin(next_token, torch.tensor(list(stop_tokens), dtype=next_token.dtype,
-                                                        device=next_token.device))
-            if done.all():
-                return
+                logits = one_token_step(seq[:, pos - 1 : pos], cache, pos - 1)
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            seq[:, pos] = token
+            yield token
+            if stop is not None:
+                done |= torch.isin(token, stop)
+                if done.all():
+                    return
 
     def generate(self, tokens, max_new_tokens: int, **kwargs):
-        """Return `tokens` (B, T) extended by up to max_new_tokens sampled tokens."""
+        """Return `tokens` (B, T) extended by up to max_new_tokens sampled tokens (kwargs: see stream)."""
         new = list(self.stream(tokens, max_new_tokens, **kwargs))
-        return torch.cat([tokens] + [t[:, None] for t in new], dim=1)
+        return torch.cat([tokens, *(t[:, None] for t in new)], dim=1)
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, sd: dict, shared: bool | None = None) -> "Transformer":
@@ -301,7 +322,10 @@ class Transformer(nn.Module):
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None):
-    """logits (B, vocab) -> token ids (B,). Temperature 0 is greedy (argmax)."""
+    """logits (B, vocab) -> token ids (B,). Temperature 0 is greedy (argmax). NaN or infinite logits (the
+    activations overflowed) raise FloatingPointError: any token drawn from them would be garbage."""
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the model's logits are NaN or infinite (its activations overflowed)")
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature

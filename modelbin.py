@@ -312,26 +312,68 @@ def read_model(path) -> tuple[Header, dict[str, np.ndarray]]:
     """A model.bin of any version: (its header, {name: fp32 array}) for the tensors of file_order(header).
 
     v2's Q8_0 tensors come back dequantized; v0's RoPE tables as rope.cos / rope.sin. There is no
-    output.weight when the classifier is shared (it is tok_embeddings.weight).
+    output.weight when the classifier is shared (it is tok_embeddings.weight). A NaN or an infinity
+    in any weight (or a Q8_0 scale so large that a weight overflows) is a FormatError naming the tensor.
     """
     path = os.fspath(path)
     header = read_header(path)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
     shapes = tensor_shapes(header)
     fp32, q80 = file_order(header)
-    offset = V0_HEADER_BYTES if header.version == 0 else HEADER_BYTES
     tensors = {}
-    for name in fp32:
-        count = math.prod(shapes[name])
-        tensors[name] = np.frombuffer(data, "<f4", count, offset).reshape(shapes[name]).astype(np.float32)
-        offset += 4 * count
-    for name in q80:
-        count, gs = math.prod(shapes[name]), header.group_size
-        q = np.frombuffer(data, np.int8, count, offset).reshape(shapes[name])
-        scale = np.frombuffer(data, "<f4", count // gs, offset + count)
-        tensors[name] = dequantize_q80(q, scale, gs)
-        offset += count + 4 * (count // gs)
+    with open(path, "rb") as f:
+        f.seek(V0_HEADER_BYTES if header.version == 0 else HEADER_BYTES)
+        for name in fp32:
+            tensors[name] = _read_fp32(f, path, name, math.prod(shapes[name])).reshape(shapes[name])
+        for name in q80:
+            count, gs = math.prod(shapes[name]), header.group_size
+            q = np.frombuffer(_read_exactly(f, path, name, count), np.int8).reshape(shapes[name])
+            scale = _read_fp32(f, path, name, count // gs)  # (finite, checked)
+            if np.abs(scale).max(initial=0) > _FLOAT32_MAX / 127:  # |q| <= 127, so q * scale cannot overflow
+                raise FormatError(f"{path}: tensor {name} has a Q8_0 scale so large that its weights overflow")
+            tensors[name] = dequantize_q80(q, scale, gs)
     return header, tensors
+
+
+_CHUNK = 1 << 16  # values read and checked at a time: the check finds them still in the CPU's cache
+
+
+def all_finite(a) -> bool:
+    """Whether a float array (numpy, or anything np.asarray views, such as a CPU torch tensor) holds no NaN
+    and no infinity. One dot product x.x: it is finite when every x is, unless it overflows, and only
+    then is each value tested."""
+    flat = np.asarray(a).reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is an answer here, not a problem
+        return bool(np.isfinite(np.dot(flat, flat)) or np.isfinite(flat).all())
+
+
+def check_finite(tensors: dict, source) -> None:
+    """Raise FormatError naming the first tensor of `tensors` ({name: array}) that holds a NaN or an infinity."""
+    for name, t in tensors.items():
+        if not all_finite(t):
+            raise FormatError(f"{source}: tensor {name} holds NaN or infinite values; refusing a model that "
+                              "cannot compute")
+
+
+def _read_exactly(f, path, name: str, n_bytes: int) -> bytes:
+    data = f.read(n_bytes)
+    if len(data) != n_bytes:
+        raise FormatError(f"{path}: cut off inside tensor {name} (did the file change while it was read?)")
+    return data
+
+
+def _read_fp32(f, path, name: str, count: int) -> np.ndarray:
+    """count little-endian float32 values from f, refused if any is NaN or infinite: each chunk is checked
+    right after it is read, while it is in the cache, which makes the check a small part of the read."""
+    out = np.empty(count, dtype="<f4")
+    raw = memoryview(out).cast("B")
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, count, _CHUNK):
+            chunk = out[start : start + _CHUNK]
+            if f.readinto(raw[4 * start : 4 * start + chunk.nbytes]) != chunk.nbytes:
+                raise FormatError(f"{path}: cut off inside tensor {name} (did the file change while it was read?)")
+            if not math.isfinite(np.dot(chunk, chunk)):  # the fast test of all_finite, inline: this loop is hot
+                check_finite({name: chunk}, path)
+    return out.astype(np.float32, copy=False)
 
 
 def random_tensors(header: Header, seed: int = 0) -> dict[str, np.ndarray]:

@@ -4,8 +4,8 @@ The TinyStories data pipeline, as in llama2.c's tinystories.py:
     python tinystories.py download                      # fetch + extract data/TinyStories_all_data/
     python tinystories.py synth                         # OR: an offline synthetic corpus (synth.py), same layout
     python tinystories.py train_vocab --vocab_size=512  # data/tok512.model + data/tok512.bin
-    python tinystories.py pretokenize --vocab_size=512  # data/tok512/data00.bin ...
-    python tinystories.py pretokenize                   # Llama 2 vocab: data/TinyStories_all_data/data00.bin ...
+    python tinystories.py pretokenize                   # data/tok512/data00.bin ... (trains tok512 if missing)
+    python tinystories.py pretokenize --vocab_size=0    # Llama 2 vocab: data/TinyStories_all_data/data00.bin ...
 
 and the batch loader that train.py uses (BatchLoader). Layout under the data dir (default `data/`, or
 $LLAMA2_DATA_DIR, or --data_dir):
@@ -22,25 +22,29 @@ The first shard is the validation split, the rest are the training split.
 """
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import socket
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+import urllib.parse
 import zlib
 from multiprocessing import Pool
 
 import numpy as np
 import requests
-import torch
 import urllib3
 from tqdm import tqdm
 
+import cmdline
 from atomicfile import WriteError, atomic_write
 from synth import is_synthetic, write_corpus
 from tokenizer import Tokenizer, TokenizerError
@@ -53,6 +57,7 @@ ARCHIVE = "TinyStories_all_data.tar.gz"
 CORPUS = "TinyStories_all_data"  # the directory the archive extracts to
 LLAMA2_VOCAB_SIZE = 32000  # vocab_size 32000 (or 0 on the command line) = the Llama 2 tokenizer
 LLAMA2_TOKENIZER = "tokenizer.model"
+DEFAULT_VOCAB_SIZE = 512  # the custom vocabulary train_vocab and pretokenize make unless told otherwise
 MIN_VOCAB_SIZE = 260  # 256 byte-fallback pieces + <unk>, <s>, </s> + at least one merge
 MAX_VOCAB_SIZE = 65535  # ids are stored as uint16
 
@@ -77,6 +82,58 @@ def shard_dir(vocab_size: int, data_dir: str = DATA_DIR) -> str:
     return os.path.join(data_dir, f"tok{vocab_size}")
 
 
+def shard_meta(vocab_size: int, data_dir: str = DATA_DIR) -> dict | None:
+    """The meta.json pretokenize wrote for this vocab's shards, or None where there is none (or a broken one)."""
+    meta, _ = read_meta(os.path.join(shard_dir(vocab_size, data_dir), "meta.json"))
+    return meta
+
+
+SHARD_INFO_KEYS = ("stories", "n_tokens", "max_id", "json_bytes")  # per shard in meta.json, each a count
+
+
+def read_meta(path: str) -> tuple[dict | None, str | None]:
+    """(meta.json's content, None), or (None, what is wrong with it). Never blocks on a FIFO."""
+    if not os.path.isfile(path):
+        return None, "not a regular file" if os.path.exists(path) else "missing"
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"unreadable ({e})"
+    shards = meta.get("shards") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not _is_count(meta.get("vocab_size")) or not isinstance(shards, dict):
+        return None, "not what pretokenize writes (vocab_size and shards)"
+    for name, info in shards.items():
+        if not isinstance(info, dict) or not all(_is_count(info.get(k)) for k in SHARD_INFO_KEYS):
+            return None, f"its entry for {name} is not what pretokenize writes ({', '.join(SHARD_INFO_KEYS)})"
+    return meta, None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def prepared_vocab_sizes(data_dir: str = DATA_DIR) -> list[int]:
+    """The vocab sizes pretokenize has made shards for in data_dir, the most recent first."""
+    metas = glob.glob(os.path.join(data_dir, "tok*", "meta.json")) + [os.path.join(corpus_dir(data_dir), "meta.json")]
+    found = []
+    for path in metas:
+        meta, _ = read_meta(path)
+        if meta is not None:
+            found.append((os.path.getmtime(path), meta["vocab_size"]))
+    return [size for _, size in sorted(found, reverse=True)]
+
+
+def describe_shards(vocab_size: int, data_dir: str = DATA_DIR) -> str:
+    """One phrase for a log line: which shards, of which corpus, how many tokens."""
+    d, meta = shard_dir(vocab_size, data_dir), shard_meta(vocab_size, data_dir)
+    if meta is None:
+        return f"{d} (not pretokenized yet)"
+    corpus = "the synthetic corpus" if meta.get("synthetic") else "TinyStories"
+    tokens = sum(info["n_tokens"] for info in meta.get("shards", {}).values())
+    return f"{d} ({corpus}, {meta['vocab_size']}-piece vocabulary, {tokens / 1e6:.1f}M tokens)"
+
+
 # -----------------------------------------------------------------------------
 # download: stream the archive with resume + retries, then extract it safely
 
@@ -85,8 +142,51 @@ class RetryableError(Exception):
     pass
 
 
+OFFLINE_HINT = ("offline? `python tinystories.py synth` writes the synthetic corpus instead, or point --base_url "
+                "(or $TINYSTORIES_BASE_URL) at a mirror")
+NETWORK_TIMEOUT = 15.0  # seconds a request may wait for a connection, or for the next bytes, before it fails
+
+
+def check_reachable(url: str, deadline: float = 8.0) -> None:
+    """Fail fast when the server cannot be reached at all (offline, a wrong --base_url): name resolution and
+    a TCP connection, tried for at most `deadline` seconds. Transfers cut later are download_file's to retry."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = requests.utils.get_environ_proxies(url).get(parts.scheme)
+    if proxy:  # requests connects to the proxy, not to the server
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    end = time.monotonic() + deadline
+    while True:
+        problem = _connect_problem(address, end - time.monotonic())
+        if problem is None:
+            return
+        if time.monotonic() + 1.0 >= end:
+            raise DataError(f"cannot reach {address[0]}:{address[1]} ({problem}); {OFFLINE_HINT}")
+        time.sleep(1.0)
+
+
+def _connect_problem(address: tuple[str, int], timeout: float) -> str | None:
+    """Why a TCP connection to address fails within timeout seconds (None: it works). In a thread, since
+    name resolution ignores socket timeouts and can hang on a machine without a network."""
+    result = ["timed out"]
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=max(timeout, 0.1)).close()
+            result[0] = None
+        except OSError as e:
+            result[0] = (e.strerror or str(e) or type(e).__name__) if not isinstance(e, TimeoutError) else "timed out"
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(max(timeout, 0.1))
+    return result[0]
+
+
 def download_file(url: str, dest: str, sha256: str | None = None, retries: int = 5, backoff: float = 2.0,
-                  chunk_size: int = 1 << 20, timeout: float = 60.0) -> str:
+                  chunk_size: int = 1 << 20, timeout: float = NETWORK_TIMEOUT) -> str:
     """Download url to dest through dest.part, resuming a partial .part with an HTTP Range request.
     Connection errors, cut-off transfers and 5xx answers are retried `retries` times, waiting
     backoff, 2*backoff, 4*backoff... seconds. dest appears (atomic rename) only once complete."""
@@ -95,12 +195,15 @@ def download_file(url: str, dest: str, sha256: str | None = None, retries: int =
         try:
             _download_once(url, part, chunk_size, timeout)
             break
-        except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError, RetryableError) as e:
+        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                urllib3.exceptions.HTTPError, RetryableError) as e:
             if attempt == retries:
-                raise DataError(f"download of {url} failed after {retries + 1} tries: {e}") from None
+                raise DataError(f"download of {url} failed after {retries + 1} tries: {e}; {OFFLINE_HINT}") from None
             wait = backoff * 2 ** attempt
             print(f"download interrupted ({e}); retrying in {wait:.1f}s", file=sys.stderr)
             time.sleep(wait)
+        except requests.RequestException as e:  # what retrying cannot fix: a redirect loop, a malformed URL...
+            raise DataError(f"download of {url} failed: {' '.join(str(e).split())}; {OFFLINE_HINT}") from None
     if sha256 is not None:
         got = file_sha256(part)
         if got != sha256.lower():
@@ -126,7 +229,7 @@ def _download_once(url: str, part: str, chunk_size: int, timeout: float) -> None
         if r.status_code >= 500 or r.status_code in (408, 429):
             raise RetryableError(f"HTTP {r.status_code} from {url}")
         if r.status_code not in (200, 206):
-            raise DataError(f"HTTP {r.status_code} from {url}")
+            raise DataError(f"HTTP {r.status_code} from {url}: is --base_url right? {OFFLINE_HINT}")
         if r.status_code == 206:  # a resumed transfer: "Content-Range: bytes start-end/total"
             start, total = _parse_content_range(r.headers.get("Content-Range", ""))
             if start != offset:
@@ -138,7 +241,7 @@ def _download_once(url: str, part: str, chunk_size: int, timeout: float) -> None
                 print(f"server ignored the Range request; downloading {url} from the start", file=sys.stderr)
             offset = 0
             length = r.headers.get("Content-Length")
-            total = int(length) if length is not None else None
+            total = int(length) if length is not None and length.strip().isdigit() else None
             mode = "wb"
         with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
                                          unit_divisor=1024, desc=os.path.basename(url)) as bar:
@@ -235,6 +338,7 @@ def download(data_dir: str = DATA_DIR, base_url: str = BASE_URL, sha256: str | N
             raise DataError(f"{archive}: sha256 does not match {sha256}; delete it to download it again")
     else:
         url = base_url.rstrip("/") + "/" + ARCHIVE
+        check_reachable(url)
         print(f"downloading {url} to {archive}")
         download_file(url, archive, sha256=sha256, retries=retries, backoff=backoff)
     target = corpus_dir(data_dir)
@@ -269,6 +373,26 @@ def synth(data_dir: str = DATA_DIR, n_shards: int = 4, stories_per_shard: int = 
 # train_vocab: a custom SentencePiece BPE vocabulary, trained as llama2.c trains it
 
 
+@contextlib.contextmanager
+def _elapsed_bar(desc: str):
+    """A bar that shows the time spent on a step that reports no progress (on a terminal only)."""
+    bar = tqdm(desc=desc, bar_format="{desc}: {elapsed}", disable=None)
+    done = threading.Event()
+
+    def tick():
+        while not done.wait(0.5):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        bar.close()
+
+
 def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB_SIZE:
         raise DataError(f"vocab_size {vocab_size} is too small: byte fallback needs 256 byte pieces + "
@@ -293,19 +417,19 @@ def train_vocab(vocab_size: int, data_dir: str = DATA_DIR, num_shards: int = 10,
         text_file = os.path.join(tmp, "stories.txt")
         with open(text_file, "w", encoding="utf-8") as f:
             for path in tqdm(shards[:num_shards], desc="writing training text"):
-                with open(path, encoding="utf-8") as jf:
-                    for example in json.load(jf):
-                        f.write(example["story"].strip() + "\n")
+                for story in read_stories(path):
+                    f.write(story + "\n")
         print(f"training a {vocab_size}-piece BPE vocabulary on {os.path.getsize(text_file) / 1e6:.1f} MB of text")
         try:
-            spm.SentencePieceTrainer.train(
-                input=text_file, model_prefix=os.path.join(tmp, "tok"), model_type="bpe", vocab_size=vocab_size,
-                self_test_sample_size=0, input_format="text", character_coverage=1.0,
-                num_threads=os.cpu_count(), split_digits=True, allow_whitespace_only_pieces=True,
-                byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
-                # the C encoder (and Llama 2) prepend a dummy space to the text, as SentencePiece does by default
-                add_dummy_prefix=True, input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-                minloglevel=2)
+            with _elapsed_bar(f"training tok{vocab_size} (sentencepiece)"):
+                spm.SentencePieceTrainer.train(
+                    input=text_file, model_prefix=os.path.join(tmp, "tok"), model_type="bpe", vocab_size=vocab_size,
+                    self_test_sample_size=0, input_format="text", character_coverage=1.0,
+                    num_threads=os.cpu_count(), split_digits=True, allow_whitespace_only_pieces=True,
+                    byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
+                    # the C encoder (and Llama 2) prepend a dummy space to the text, as SentencePiece does by default
+                    add_dummy_prefix=True, input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+                    minloglevel=2)
         except RuntimeError as e:
             raise DataError(f"sentencepiece could not train a {vocab_size}-piece vocabulary: "
                             f"{str(e).strip().splitlines()[-1]}") from None
@@ -324,11 +448,29 @@ def tokenizer_path(vocab_size: int, data_dir: str = DATA_DIR, tokenizer: str = L
     return tokenizer if vocab_size in (0, LLAMA2_VOCAB_SIZE) else os.path.join(data_dir, f"tok{vocab_size}.model")
 
 
+def read_stories(path: str) -> list[str]:
+    """The stories of a json shard (a list of {"story": text, ...}), stripped; DataError for anything else."""
+    bad = f"{path}: not a TinyStories shard"
+    if not os.path.isfile(path):  # never block on a FIFO
+        raise DataError(f"{bad} (not a regular file)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            examples = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        detail = " ".join(str(e).split())
+        raise DataError(f"{bad} ({detail}); download it again, or `python tinystories.py synth`") from None
+    if not isinstance(examples, list):
+        raise DataError(f"{bad} (a JSON list of {{\"story\": ...}} objects expected)")
+    for i, example in enumerate(examples):
+        if not isinstance(example, dict) or not isinstance(example.get("story"), str):
+            raise DataError(f"{bad} (entry {i} is not an object with a \"story\" string)")
+    return [example["story"].strip() for example in examples]
+
+
 def _tokenize_shard(job: tuple[str, str, str]) -> dict:
     json_path, model_path, out_dir = job
     enc = Tokenizer(model_path)
-    with open(json_path, encoding="utf-8") as f:
-        stories = [example["story"].strip() for example in json.load(f)]
+    stories = read_stories(json_path)
     ids = enc.sp.encode(stories, add_bos=True)  # batched in C++: each story BOS + tokens, no EOS
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(map(len, ids)))
     max_id = int(tokens.max()) if tokens.size else 0
@@ -345,6 +487,14 @@ def pretokenize(vocab_size: int = 0, data_dir: str = DATA_DIR, tokenizer: str = 
     """Tokenize every json shard (vocab_size 0 or 32000: the Llama 2 tokenizer at `tokenizer`; else
     data_dir/tok{N}.model). Writes the .bin shards and meta.json; returns {stories, tokens, seconds}."""
     model_path = tokenizer_path(vocab_size, data_dir, tokenizer)
+    if vocab_size not in (0, LLAMA2_VOCAB_SIZE) and not os.path.exists(model_path):
+        print(f"no {model_path} yet: training it first (as `python tinystories.py train_vocab "
+              f"--vocab_size={vocab_size}` does)")
+        train_vocab(vocab_size, data_dir)
+    elif not os.path.exists(model_path):
+        raise DataError(f"{model_path}: no such file: --vocab_size=0 needs the Llama 2 tokenizer.model (not "
+                        f"shipped; --tokenizer PATH), or use a custom vocabulary (the default, "
+                        f"--vocab_size={DEFAULT_VOCAB_SIZE})")
     enc = Tokenizer(model_path)
     if enc.n_words > MAX_VOCAB_SIZE + 1:
         raise DataError(f"{model_path} has {enc.n_words} pieces: ids above {MAX_VOCAB_SIZE} do not fit uint16 shards")
@@ -402,6 +552,8 @@ class BatchLoader:
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         self.split, self.batch_size, self.max_seq_len, self.vocab_size = split, batch_size, max_seq_len, vocab_size
         self.seed, self.rank, self.device, self.data_dir, self.batch_index = seed, rank, device, data_dir, 0
+        import torch  # here, not at the top: the data commands (download, pretokenize...) start without it
+
         self.pin = str(device).startswith("cuda") and torch.cuda.is_available()
         d = shard_dir(vocab_size, data_dir)
         cli_vocab = 0 if vocab_size == LLAMA2_VOCAB_SIZE else vocab_size
@@ -412,6 +564,11 @@ class BatchLoader:
         if len(paths) < 2:
             raise DataError(f"only one shard in {d}: the first shard is the val split, so training needs at least "
                             "two (make more shards, e.g. `python tinystories.py synth --n_shards 4`, and pretokenize)")
+        for p in paths:  # memmap would fail on these with a traceback, or block on a FIFO
+            if not os.path.isfile(p):
+                raise DataError(f"{p}: not a regular file; {remedy}")
+            if os.path.getsize(p) == 0 or os.path.getsize(p) % 2:
+                raise DataError(f"{p}: {os.path.getsize(p)} bytes, not a shard of uint16 token ids; {remedy}")
         key = (d, vocab_size, tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths))
         if key not in _checked_shards:  # once per process: train.py makes a fresh loader for every eval
             self._check_meta(d, paths, remedy)
@@ -431,7 +588,7 @@ class BatchLoader:
 
     def _check_meta(self, d: str, paths: list[str], remedy: str) -> None:
         meta_path = os.path.join(d, "meta.json")
-        if not os.path.exists(meta_path):  # shards made by other tools (llama2.c): check the ids themselves
+        if not os.path.lexists(meta_path):  # shards made by other tools (llama2.c): check the ids themselves
             print(f"warning: no meta.json in {d}; checking token ids against vocab_size {self.vocab_size}",
                   file=sys.stderr)
             for p in paths:
@@ -439,8 +596,9 @@ class BatchLoader:
                     raise DataError(f"{p} holds token ids >= vocab_size {self.vocab_size}: it was made with another "
                                     f"vocabulary; {remedy}")
             return
-        with open(meta_path) as f:
-            meta = json.load(f)
+        meta, problem = read_meta(meta_path)
+        if problem is not None:
+            raise DataError(f"{meta_path}: {problem}; {remedy}")
         if meta["vocab_size"] != self.vocab_size:
             raise DataError(f"the shards in {d} were tokenized with a {meta['vocab_size']}-piece vocabulary but "
                             f"vocab_size is {self.vocab_size}; fix vocab_size or {remedy}")
@@ -455,7 +613,10 @@ class BatchLoader:
             if os.path.exists(json_path) and os.path.getsize(json_path) != info["json_bytes"]:
                 raise DataError(f"{p} is stale: {json_path} changed since it was pretokenized; {remedy}")
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self):
+        """(x, y): two (batch_size, max_seq_len) int64 tensors, y being x shifted by one token."""
+        import torch
+
         split_id = 0 if self.split == "train" else 1
         rng = np.random.default_rng([self.seed, self.rank, split_id, self.batch_index])
         self.batch_index += 1
@@ -482,33 +643,69 @@ class BatchLoader:
 # command line
 
 
+def _url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
+def _sha256(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a sha256 (64 hexadecimal digits)")
+    return text
+
+
+_CUSTOM_VOCAB = f"between {MIN_VOCAB_SIZE} and {MAX_VOCAB_SIZE}, not {LLAMA2_VOCAB_SIZE} (the Llama 2 vocabulary)"
+VOCAB_SIZE = cmdline.number(int, _CUSTOM_VOCAB,
+                            lambda v: MIN_VOCAB_SIZE <= v <= MAX_VOCAB_SIZE and v != LLAMA2_VOCAB_SIZE)
+SHARD_VOCAB_SIZE = cmdline.number(int, f"0 or {LLAMA2_VOCAB_SIZE} (the Llama 2 tokenizer), or a custom size between "
+                                  f"{MIN_VOCAB_SIZE} and {MAX_VOCAB_SIZE}",
+                                  lambda v: v in (0, LLAMA2_VOCAB_SIZE) or MIN_VOCAB_SIZE <= v <= MAX_VOCAB_SIZE)
+
+
+def _check_data_dir(data_dir: str) -> None:
+    if not data_dir.strip():
+        raise DataError("--data_dir is empty; give a directory")
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir}: exists and is not a directory")
+
+
 def main(argv: list[str] | None = None) -> int:
-    common = argparse.ArgumentParser(add_help=False)
+    common = cmdline.ArgumentParser(add_help=False)
     common.add_argument("--data_dir", default=DATA_DIR, help="data directory (default: $LLAMA2_DATA_DIR or data/)")
-    parser = argparse.ArgumentParser(description="TinyStories data: download, synth, train_vocab, pretokenize")
+    parser = cmdline.ArgumentParser(description="TinyStories data: download, synth, train_vocab, pretokenize")
     sub = parser.add_subparsers(dest="stage", required=True)
     p = sub.add_parser("download", parents=[common], help="download and extract TinyStories")
-    p.add_argument("--base_url", default=BASE_URL, help="where TinyStories_all_data.tar.gz lives "
+    p.add_argument("--base_url", type=_url, default=BASE_URL, help="where TinyStories_all_data.tar.gz lives "
                    "(default: $TINYSTORIES_BASE_URL or Hugging Face)")
-    p.add_argument("--sha256", default=None, help="expected sha256 of the archive")
-    p.add_argument("--retries", type=int, default=5, help="retries on connection errors and 5xx answers")
-    p.add_argument("--backoff", type=float, default=2.0, help="first retry wait in seconds (doubles each time)")
+    p.add_argument("--sha256", type=_sha256, default=None, help="expected sha256 of the archive")
+    p.add_argument("--retries", type=cmdline.number(int, "0..100", lambda v: 0 <= v <= 100), default=5,
+                   help="retries on connection errors and 5xx answers")
+    p.add_argument("--backoff", type=cmdline.number(float, "0..3600 seconds", lambda v: 0 <= v <= 3600), default=2.0,
+                   help="first retry wait in seconds (doubles each time)")
     p.add_argument("--force", action="store_true", help="extract again even if the corpus directory exists")
     p = sub.add_parser("synth", parents=[common], help="write an offline synthetic TinyStories-like corpus")
-    p.add_argument("--n_shards", type=int, default=4)
-    p.add_argument("--stories_per_shard", type=int, default=2500)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--n_shards", type=cmdline.number(int, "1..1000", lambda v: 1 <= v <= 1000), default=4)
+    p.add_argument("--stories_per_shard", type=cmdline.number(int, "1..1000000", lambda v: 1 <= v <= 10**6),
+                   default=2500)
+    p.add_argument("--seed", type=cmdline.at_least(0), default=42)
     p.add_argument("--force", action="store_true", help="replace a corpus that is not synthetic")
     p = sub.add_parser("train_vocab", parents=[common], help="train a custom SentencePiece BPE vocabulary")
-    p.add_argument("--vocab_size", type=int, required=True)
-    p.add_argument("--num_shards", type=int, default=10, help="train on the text of the first N shards")
-    p.add_argument("--input_sentence_size", type=int, default=0, help="sample this many stories (0: all)")
+    p.add_argument("--vocab_size", type=VOCAB_SIZE, default=DEFAULT_VOCAB_SIZE, help=f"default {DEFAULT_VOCAB_SIZE}")
+    p.add_argument("--num_shards", type=cmdline.at_least(1), default=10, help="train on the text of the first N shards")
+    p.add_argument("--input_sentence_size", type=cmdline.at_least(0), default=0,
+                   help="sample this many stories (0: all)")
     p = sub.add_parser("pretokenize", parents=[common], help="tokenize the json shards into uint16 .bin shards")
-    p.add_argument("--vocab_size", type=int, default=0, help="0: the Llama 2 tokenizer; N: data/tok{N}.model")
+    p.add_argument("--vocab_size", type=SHARD_VOCAB_SIZE, default=DEFAULT_VOCAB_SIZE,
+                   help=f"N: data/tok{{N}}.model, trained first if missing (default {DEFAULT_VOCAB_SIZE}); "
+                   "0: the Llama 2 tokenizer (--tokenizer)")
     p.add_argument("--tokenizer", default=LLAMA2_TOKENIZER, help="the Llama 2 tokenizer.model (for vocab_size 0)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=cmdline.number(int, "1..1024", lambda v: 1 <= v <= 1024), default=None,
+                   help="processes (default: all cores)")
     args = parser.parse_args(argv)
     try:
+        _check_data_dir(args.data_dir)
         if args.stage == "download":
             download(args.data_dir, args.base_url, args.sha256, args.retries, args.backoff, args.force)
         elif args.stage == "synth":
@@ -523,8 +720,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.vocab_size not in (0, LLAMA2_VOCAB_SIZE):
                 check_vocab_size(args.vocab_size)
             pretokenize(args.vocab_size, args.data_dir, args.tokenizer, args.workers)
-    except (DataError, TokenizerError, WriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DataError, TokenizerError, WriteError, OSError) as e:  # OSError: a full disk, a file in the way...
+        if isinstance(e, OSError) and not isinstance(e, WriteError) and e.strerror:
+            e = f"{e.filename or args.data_dir}: {e.strerror}"  # not "[Errno 28] ...", and with the path
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     return 0
 

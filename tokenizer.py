@@ -8,12 +8,12 @@ as "\\n<s>\\n" / "\\n</s>\\n" and SentencePiece's "▁" as a plain space, exactl
 llama2.c's exporter writes them, so our files are byte-identical to theirs.
 """
 
-import argparse
 import os
 import sys
 
 from sentencepiece import SentencePieceProcessor
 
+import cmdline
 import modelbin
 from atomicfile import WriteError
 
@@ -29,8 +29,9 @@ class TokenizerError(ValueError):
 
 class Tokenizer:
     def __init__(self, model_path: str = DEFAULT_MODEL):
-        if not os.path.isfile(model_path):
-            raise TokenizerError(f"{model_path}: tokenizer model not found")
+        if not os.path.isfile(model_path):  # (a FIFO or a device would block or never end)
+            raise TokenizerError(f"{model_path}: " + ("not a regular file, so not a tokenizer model"
+                                                      if os.path.exists(model_path) else "tokenizer model not found"))
         self.sp = SentencePieceProcessor()
         try:
             self.sp.Load(model_path)
@@ -78,7 +79,7 @@ def check_vocab_size(tokenizer: Tokenizer, model_vocab_size: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Export a SentencePiece model to llama2.c's tokenizer.bin")
+    parser = cmdline.ArgumentParser(description="Export a SentencePiece model to llama2.c's tokenizer.bin")
     parser.add_argument("-t", "--tokenizer-model", default=DEFAULT_MODEL, help="path to the .model file")
     parser.add_argument("-o", "--output", default=None, help="output path (default: beside the .model, as .bin)")
     args = parser.parse_args(argv)

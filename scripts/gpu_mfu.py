@@ -52,8 +52,6 @@ def measure(preset: str, batch: int, compiled: bool, steps: int, warmup: int) ->
     flops = train.flops_per_token(args, model.num_params())
     peak = train.peak_flops("cuda")
     mfu = tok_s * flops / peak if peak else float("nan")
-    del model, opt, step_model
-    torch.cuda.empty_cache()
     return {"preset": preset, "batch": batch, "compiled": compiled, "tok_s": tok_s, "mfu": mfu,
             "warmup_s": warm_s, "loss": float(loss)}
 
@@ -70,13 +68,15 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, peak bf16 {train.peak_flops('cuda'):.3g} FLOP/s")
     print(f"{'preset':<12} {'batch':>5} {'mode':<9} {'tok/s':>12} {'MFU':>6} {'warm-up s':>9}")
     for preset in a.presets.split(","):
-        batches = [int(b) for b in a.batch.split(",")] if a.batch else [load_config(f"configs/{preset}.toml", []).batch_size]
+        default_batch = load_config(f"configs/{preset}.toml", []).batch_size
+        batches = [int(b) for b in a.batch.split(",")] if a.batch else [default_batch]
         for batch in batches:
             for compiled in (False, True):
                 r = measure(preset, batch, compiled, a.steps, a.warmup)
                 mode = "compiled" if compiled else "eager"
                 print(f"{preset:<12} {batch:>5} {mode:<9} {r['tok_s']:>12,.0f} {100 * r['mfu']:>5.1f}% "
                       f"{r['warmup_s']:>9.1f}", flush=True)
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

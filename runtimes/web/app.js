@@ -75,13 +75,12 @@ $("generate").onclick = () => {
   $("ids").value = "";
   delete document.body.dataset.done;
   setBusy(true);
+  // the fields' text as typed (a number field gives "" for text that is no number): the
+  // module reads it by the command line's rules, so that it refuses what run refuses
   worker.postMessage({
     type: "generate",
     prompt: $("prompt").value,
-    steps: Number($("steps").value),
-    temperature: Number($("temperature").value),
-    topp: Number($("topp").value),
-    seed: Number($("seed").value),
+    settings: ["temperature", "topp", "seed", "steps"].map((id) => $(id).value),
   });
 };
 $("stop").onclick = () => worker.postMessage({ type: "stop" });

@@ -87,13 +87,19 @@ async function load({ model, tok, threads: wanted }) {
 
 const tick = () => new Promise((r) => setTimeout(r, 0));
 
-async function generate({ prompt, steps, temperature, topp, seed }) {
+// settings: the text of the temperature, top-p, seed and steps fields
+async function generate({ prompt, settings }) {
   if (!wasm) throw new Error("load a model first");
   const text = encoder.encode(prompt);
+  const fields = encoder.encode(settings.join("\n"));
   const pp = wasm.alloc(text.length);
+  const sp = wasm.alloc(fields.length);
+  if (!pp || !sp) throw new Error("out of memory for the prompt");
   bytes(pp, text.length).set(text);
-  const np = wasm.start(pp, text.length, temperature, topp, seed, steps);
+  bytes(sp, fields.length).set(fields);
+  const np = wasm.start(pp, text.length, sp, fields.length);
   wasm.free(pp, text.length);
+  wasm.free(sp, fields.length);
   if (np < 0) throw new Error(lastError());
   const decoder = new TextDecoder();
   let pending = "", pendingIds = [], count = 0, start = 0, lastPost = performance.now();

@@ -164,10 +164,16 @@ const Header = struct {
 /// The header of `bytes`, a whole model.bin: version 0 (llama2.c's legacy 28
 /// bytes, no magic) or 1 and 2 (256 bytes after the magic).
 fn readHeader(bytes: []const u8, name: []const u8, diag: *Diagnostic) Error!Header {
-    if (bytes.len == 0) return diag.fail(error.BadModel, "{s}: file is empty", .{name});
-    if (bytes.len < 28) return diag.fail(error.BadModel, "{s}: file is {d} bytes, too short for a header", .{ name, bytes.len });
-    const raw = if (readInt(u32, bytes, 0) == magic) try readHeaderV12(bytes, name, diag) else readHeaderV0(bytes);
-    return checkHeader(raw, bytes.len, name, diag);
+    return readHeaderOf(bytes[0..@min(bytes.len, 256)], bytes.len, name, diag);
+}
+
+/// The header from the first bytes of a model.bin (`head`: up to 256 of them),
+/// checked against the file's size.
+fn readHeaderOf(head: []const u8, size: u64, name: []const u8, diag: *Diagnostic) Error!Header {
+    if (size == 0) return diag.fail(error.BadModel, "{s}: file is empty", .{name});
+    if (size < 28) return diag.fail(error.BadModel, "{s}: file is {d} bytes, too short for a header", .{ name, size });
+    const raw = if (readInt(u32, head, 0) == magic) try readHeaderV12(head, size, name, diag) else readHeaderV0(head);
+    return checkHeader(raw, size, name, diag);
 }
 
 fn readHeaderV0(bytes: []const u8) RawHeader {
@@ -180,8 +186,8 @@ fn readHeaderV0(bytes: []const u8) RawHeader {
     return h;
 }
 
-fn readHeaderV12(bytes: []const u8, name: []const u8, diag: *Diagnostic) Error!RawHeader {
-    if (bytes.len < 256) return diag.fail(error.BadModel, "{s}: file is {d} bytes, cut off inside the 256-byte header", .{ name, bytes.len });
+fn readHeaderV12(bytes: []const u8, size: u64, name: []const u8, diag: *Diagnostic) Error!RawHeader {
+    if (size < 256) return diag.fail(error.BadModel, "{s}: file is {d} bytes, cut off inside the 256-byte header", .{ name, size });
     const v = readInt(i32, bytes, 4);
     if (v != 1 and v != 2) return diag.fail(error.BadModel, "{s}: unknown model.bin version {d} (this runtime reads 0, 1 and 2)", .{ name, v });
     const flag = bytes[36];
@@ -199,7 +205,7 @@ fn readHeaderV12(bytes: []const u8, name: []const u8, diag: *Diagnostic) Error!R
 
 /// Checks for every version: the shape, v2's group size, norm_eps and
 /// rope_theta, and the file size the header implies.
-fn checkHeader(raw: RawHeader, size: usize, name: []const u8, diag: *Diagnostic) Error!Header {
+fn checkHeader(raw: RawHeader, size: u64, name: []const u8, diag: *Diagnostic) Error!Header {
     const config = checkConfig(raw.fields, name, diag) catch |err| {
         if (raw.version == 0) { // no magic and no plausible v0 header: say both
             var tmp: [640]u8 = undefined;
@@ -234,12 +240,93 @@ fn checkHeader(raw: RawHeader, size: usize, name: []const u8, diag: *Diagnostic)
     return h;
 }
 
-/// norm_eps or rope_theta: 0 means the default; NaN, infinities, negative
-/// numbers and numbers past f32's range (the forward pass's type) are refused.
+/// norm_eps or rope_theta: 0 means the default; otherwise a positive number in
+/// f32's normal range (the forward pass's type). Judged on the bits, as run.c
+/// does (a positive f64's bits order as its values do).
 fn checkReal(v: f64, default: f64, field: []const u8, name: []const u8, diag: *Diagnostic) Error!f64 {
-    if (!std.math.isFinite(v) or v < 0 or v > std.math.floatMax(f32))
-        return diag.fail(error.BadModel, "{s}: bad header: {s} = {d} (must be a finite number > 0, or 0 for the default)", .{ name, field, v });
-    return if (v == 0) default else v;
+    const u: u64 = @bitCast(v);
+    if (u << 1 == 0) return default; // +0 or -0
+    const lo: u64 = @bitCast(@as(f64, std.math.floatMin(f32)));
+    const hi: u64 = @bitCast(@as(f64, std.math.floatMax(f32)));
+    if (u < lo or u > hi) // negative, NaN and infinities lie past hi
+        return diag.fail(error.BadModel, "{s}: bad header: {s} = {e} (must be 0 for the default, or a number from {e} to {e})", .{ name, field, v, @as(f64, std.math.floatMin(f32)), @as(f64, std.math.floatMax(f32)) });
+    return v;
+}
+
+/// NaN and infinity are judged on the bits (exponent all ones), as run.c does:
+/// bit 31 of (exponent + 1) is set only by that exponent, so OR-ing this over
+/// many words tests them all. For a u32 or a vector of them.
+inline fn nonFiniteBits(v: anytype) @TypeOf(v) {
+    const T = @TypeOf(v);
+    const exponent: T = if (@typeInfo(T) == .vector) @splat(0x7f800000) else 0x7f800000;
+    const one: T = if (@typeInfo(T) == .vector) @splat(0x00800000) else 0x00800000;
+    return (v & exponent) +% one;
+}
+
+const check_lanes = 16;
+const Words = @Vector(check_lanes, u32);
+
+/// Whether any of these 4-byte words could be a NaN or infinity.
+fn anyNonFinite(words: []const u32) bool {
+    var acc: Words = @splat(0);
+    var i: usize = 0;
+    while (i + check_lanes <= words.len) : (i += check_lanes) acc |= nonFiniteBits(@as(Words, words[i..][0..check_lanes].*));
+    var any = @reduce(.Or, acc);
+    for (words[i..]) |u| any |= nonFiniteBits(u);
+    return any >> 31 != 0;
+}
+
+/// @memcpy that also says whether any 4-byte word it copied could be a NaN or
+/// infinity, in the same pass: the test rides on the copy's loads, nearly
+/// free in a loop bound by memory (as run.c's copy_checking; checking each
+/// piece again after it is copied, from cache, costs 10% of loading a 110M
+/// fp32 model). In vectors: the compiler does not vectorise the plain loop.
+fn copyChecking(dst: []align(4) u8, src: []align(4) const u8) bool {
+    const n = src.len / 4;
+    const d: []u32 = @ptrCast(dst[0 .. 4 * n]);
+    const s: []const u32 = @ptrCast(src[0 .. 4 * n]);
+    var acc: Words = @splat(0);
+    var i: usize = 0;
+    while (i + check_lanes <= n) : (i += check_lanes) {
+        const v: Words = s[i..][0..check_lanes].*;
+        d[i..][0..check_lanes].* = v;
+        acc |= nonFiniteBits(v);
+    }
+    var any = @reduce(.Or, acc);
+    for (d[i..], s[i..]) |*x, u| {
+        x.* = u;
+        any |= nonFiniteBits(u);
+    }
+    @memcpy(dst[4 * n ..], src[4 * n ..]);
+    return any >> 31 != 0;
+}
+
+/// The index of the first NaN or infinity in p, or null: block by block, each
+/// searched only if it holds one.
+fn firstNonFinite(p: []const f32) ?usize {
+    const u: []const u32 = @ptrCast(p);
+    var b: usize = 0;
+    while (b < u.len) : (b += 4096) {
+        const block = u[b..@min(u.len, b + 4096)];
+        if (anyNonFinite(block)) for (block, b..) |x, i| if (x & 0x7f800000 == 0x7f800000) return i;
+    }
+    return null;
+}
+
+/// An error naming the tensor when `p` holds a NaN or infinity: in its
+/// weights, or in the scales of its int8 groups; `layer` null: not a layer's.
+fn checkTensor(p: []const f32, tensor: []const u8, layer: ?usize, scales: bool, name: []const u8, diag: *Diagnostic) Error!void {
+    const i = firstNonFinite(p) orelse return;
+    var buf: [32]u8 = undefined;
+    const where = if (layer) |l| std.fmt.bufPrint(&buf, " of layer {d}", .{l}) catch "" else "";
+    return diag.fail(error.BadModel, "{s}: {s}{s}: NaN or infinity in its {s} ({s} {d})", .{ name, tensor, where, if (scales) "scales" else "weights", if (scales) "group" else "element", i });
+}
+
+fn checkMatrix(m: Matrix, tensor: []const u8, layer: ?usize, name: []const u8, diag: *Diagnostic) Error!void {
+    switch (m) {
+        .f32 => |w| try checkTensor(w, tensor, layer, false, name, diag),
+        .q8 => |w| try checkTensor(w.s, tensor, layer, true, name, diag),
+    }
 }
 
 /// The seven matrices of a layer in file order, and their shapes (rows × cols).
@@ -267,10 +354,13 @@ pub const Transformer = struct {
     state: State,
     pool: ?*Pool = null,
     gpa: Allocator,
+    name: []const u8, // the file, for messages (the caller keeps it)
 
     /// Point the weights into `bytes` (a whole model.bin, kept alive by the
-    /// caller) and allocate the run state. `name` is for messages.
-    pub fn init(gpa: Allocator, bytes: []const u8, name: []const u8, diag: *Diagnostic) Error!Transformer {
+    /// caller), check that they are finite (unless the caller knows that no
+    /// 4-byte word of `bytes` can be a NaN or infinity: `check_finite` false),
+    /// and allocate the run state. `name` is for messages.
+    pub fn init(gpa: Allocator, bytes: []const u8, name: []const u8, check_finite: bool, diag: *Diagnostic) Error!Transformer {
         const h = try readHeader(bytes, name, diag);
         const config = h.config;
         const gs = h.group_size;
@@ -289,6 +379,7 @@ pub const Transformer = struct {
             .layers = layers,
             .state = undefined,
             .gpa = gpa,
+            .name = name,
         };
         var cur: Cursor = .{ .bytes = bytes[if (h.version == 0) 28 else 256..] };
         const mapped = switch (h.version) {
@@ -299,6 +390,7 @@ pub const Transformer = struct {
         mapped catch return diag.fail(error.BadModel, "{s}: internal size mismatch", .{name});
         if (cur.unaligned) return diag.fail(error.BadModel, "{s}: group size {d} leaves scales unaligned (unsupported)", .{ name, gs });
         if (cur.bytes.len != 0) return diag.fail(error.BadModel, "{s}: internal size mismatch", .{name});
+        if (check_finite) try t.checkFinite(diag);
         if (gs != 0 and config.hidden_dim % gs != 0)
             t.splitStraddledGroups() catch return diag.fail(error.OutOfMemory, "{s}: out of memory", .{name});
         errdefer gpa.free(t.w2_scales);
@@ -378,6 +470,22 @@ pub const Transformer = struct {
         t.classifier = if (t.shared) t.embedding else try cur.matrix(c.vocab_size * D, gs);
     }
 
+    /// Refuse weights that are not all finite, before they reach the forward
+    /// pass: the norms, then every matrix's fp32 weights or int8 scales (in one
+    /// order for every version, as run.c).
+    fn checkFinite(t: *const Transformer, diag: *Diagnostic) Error!void {
+        for (t.layers, 0..) |layer, l| {
+            try checkTensor(layer.rms_att, "rms_att", l, false, t.name, diag);
+            try checkTensor(layer.rms_ffn, "rms_ffn", l, false, t.name, diag);
+        }
+        try checkTensor(t.rms_final, "rms_final", null, false, t.name, diag);
+        try checkMatrix(t.embedding, "embedding", null, t.name, diag);
+        inline for (matrix_kinds) |kind| {
+            for (t.layers, 0..) |layer, l| try checkMatrix(@field(layer, kind), kind, l, t.name, diag);
+        }
+        if (!t.shared) try checkMatrix(t.classifier, "classifier", null, t.name, diag);
+    }
+
     /// Groups run over each flattened tensor, so when hidden_dim is not a
     /// multiple of the group size (42M: 1376 with llama2.c's 64), w2's rows end
     /// mid-group. Split its groups at the row ends into groups of
@@ -451,6 +559,9 @@ pub const Transformer = struct {
         t.quantizeInput(s.x);
         t.parallel(.{ .t = t, .layer = 0, .pos = pos }, classify);
         if (!builtin.single_threaded) if (t.pool) |pool| pool.rebalance();
+        // finite weights can still overflow: stop rather than sample from garbage
+        if (firstNonFinite(s.logits) != null)
+            return diag.fail(error.BadModel, "{s}: the logits at position {d} are not finite (NaN or infinity): the model's numbers overflow", .{ t.name, pos });
         return s.logits;
     }
 
@@ -1386,14 +1497,26 @@ pub const Tokenizer = struct {
     sorted: []u32, // ids ordered by piece bytes, for binary search
     merge_buf: []u8, // two pieces side by side
 
+    /// The checks on tokenizer.bin's first 4 bytes (`head`: max_token_length,
+    /// which it returns) and its size, which need nothing else: a file holds at
+    /// most vocab_size pieces of at most max_token_length bytes.
+    pub fn checkSize(head: []const u8, size: u64, vocab_size: usize, name: []const u8, diag: *Diagnostic) Error!usize {
+        if (vocab_size < 3 or vocab_size > max_vocab)
+            return diag.fail(error.BadTokenizer, "{s}: vocab_size {d} is not usable (need 3..{d})", .{ name, vocab_size, max_vocab });
+        if (size < 4) return diag.fail(error.BadTokenizer, "{s}: file is {d} bytes, cut off inside the header", .{ name, size });
+        const header_max = readInt(i32, head, 0);
+        if (header_max <= 0 or header_max > max_piece)
+            return diag.fail(error.BadTokenizer, "{s}: bad header: max_token_length {d} (must be 1..{d})", .{ name, header_max, max_piece });
+        const most = 4 + @as(u64, vocab_size) * (8 + @as(u64, @intCast(header_max)));
+        if (size > most)
+            return diag.fail(error.BadTokenizer, "{s}: file is {d} bytes, more than {d} pieces of at most max_token_length {d} bytes fill ({d}): it does not fit the model's vocab_size {d}", .{ name, size, vocab_size, header_max, most, vocab_size });
+        return @intCast(header_max);
+    }
+
     /// Parse tokenizer.bin; it must hold exactly `vocab_size` pieces.
     pub fn init(gpa: Allocator, data: []const u8, vocab_size: usize, name: []const u8, diag: *Diagnostic) Error!Tokenizer {
         if (data.len == 0) return diag.fail(error.BadTokenizer, "{s}: file is empty", .{name});
-        if (vocab_size < 3 or vocab_size > max_vocab)
-            return diag.fail(error.BadTokenizer, "{s}: vocab_size {d} is not usable (need 3..{d})", .{ name, vocab_size, max_vocab });
-        if (data.len < 4) return diag.fail(error.BadTokenizer, "{s}: file is {d} bytes, cut off inside the header", .{ name, data.len });
-        const header_max = readInt(i32, data, 0);
-        if (header_max <= 0 or header_max > max_piece) return diag.fail(error.BadTokenizer, "{s}: bad header: max_token_length {d}", .{ name, header_max });
+        const header_max = try checkSize(data, data.len, vocab_size, name, diag);
         // first pass: validate and measure
         var off: usize = 4;
         var longest: usize = 1;
@@ -1401,7 +1524,8 @@ pub const Tokenizer = struct {
             if (data.len - off < 8)
                 return diag.fail(error.BadTokenizer, "{s}: cut off at piece {d} of {d} (the model's vocab_size is {d})", .{ name, i, vocab_size, vocab_size });
             const len = readInt(i32, data, off + 4);
-            if (len < 0 or len > max_piece) return diag.fail(error.BadTokenizer, "{s}: piece {d} has bad length {d}", .{ name, i, len });
+            if (len < 0 or len > header_max)
+                return diag.fail(error.BadTokenizer, "{s}: piece {d} has bad length {d} (must be 0..max_token_length {d})", .{ name, i, len, header_max });
             if (@as(usize, @intCast(len)) > data.len - off - 8)
                 return diag.fail(error.BadTokenizer, "{s}: cut off inside piece {d} of {d} (the model's vocab_size is {d})", .{ name, i, vocab_size, vocab_size });
             off += 8 + @as(usize, @intCast(len));
@@ -1595,10 +1719,13 @@ pub const Sampler = struct {
         return if (z != 0) z else 0x2545F4914F6CDD1D;
     }
 
-    /// The next token from these logits (which it overwrites).
-    pub fn sample(s: *Sampler, logits: []f32) u32 {
+    /// The next token from these (finite) logits, which it overwrites; an
+    /// error when dividing them by the temperature overflows.
+    pub fn sample(s: *Sampler, logits: []f32, diag: *Diagnostic) Error!u32 {
         if (s.temperature == 0) return argmax(logits);
         for (logits) |*l| l.* /= s.temperature;
+        if (firstNonFinite(logits) != null)
+            return diag.fail(error.BadInput, "temperature too low: the logits divided by it are not finite (NaN or infinity)", .{});
         softmax(logits);
         const coin = s.nextF32();
         if (s.topp <= 0 or s.topp >= 1) return sampleFrom(logits, 0, 1, coin);
@@ -1802,7 +1929,7 @@ pub const Generator = struct {
     pub fn next(g: *Generator, diag: *Diagnostic) Error!?u32 {
         if (g.done or g.pos >= g.steps) return null;
         const logits = try g.t.forward(g.token, g.pos, diag);
-        const token = if (g.pos + 1 < g.prompt.len) g.prompt[g.pos + 1] else g.sampler.sample(logits);
+        const token = if (g.pos + 1 < g.prompt.len) g.prompt[g.pos + 1] else try g.sampler.sample(logits, diag);
         g.pos += 1;
         if (token == bos and g.pos >= g.prompt.len and g.stop_at_bos) {
             g.done = true;
@@ -1813,15 +1940,140 @@ pub const Generator = struct {
     }
 };
 
+// ------------------------------------------------------------------ settings
+
+/// The sampler's settings and their rules, for the command line and the page
+/// alike (run.c has the same): numbers are decimal text, judged on the bits of
+/// the f32 they round to. The temperature is 0 (greedy) or a normal number
+/// that keeps logits / temperature in range; top-p is 0 or 1 (off), or a
+/// fraction not too small to mean anything.
+pub const temperature_rule = "temperature must be 0 (greedy) or between 1e-6 and 1e6";
+pub const topp_rule = "top-p must be 0 or 1 (off), or between 1e-6 and 1";
+
+fn bitsOf(f: f32) u32 {
+    return @bitCast(f);
+}
+
+/// (a positive f32's bits order as its values do; NaN and infinities lie past 1e6's)
+pub fn temperatureOk(t: f32) bool {
+    const u = bitsOf(t);
+    return u << 1 == 0 or (u >= bitsOf(1e-6) and u <= bitsOf(1e6));
+}
+
+pub fn toppOk(p: f32) bool {
+    const u = bitsOf(p);
+    return u << 1 == 0 or (u >= bitsOf(1e-6) and u <= bitsOf(1.0));
+}
+
+fn isDigit(c: u8) bool {
+    return c >= '0' and c <= '9';
+}
+
+/// Decimal text, [+-]digits[.digits][(e|E)[+-]digits] with a digit before the
+/// exponent (no hex, inf, nan, spaces or digit separators: text every build
+/// reads alike), as the f32 it rounds to; null if it is not that. Past f32's
+/// range it is an infinity; a number that is not 0 but rounds to 0 is the
+/// smallest subnormal, so that the rules refuse it as too small.
+pub fn parseDecimal(text: []const u8) ?f32 {
+    var i: usize = 0;
+    var digits: usize = 0;
+    var nonzero = false;
+    if (i < text.len and (text[i] == '+' or text[i] == '-')) i += 1;
+    while (i < text.len and isDigit(text[i])) : (i += 1) {
+        digits += 1;
+        nonzero = nonzero or text[i] != '0';
+    }
+    if (i < text.len and text[i] == '.') {
+        i += 1;
+        while (i < text.len and isDigit(text[i])) : (i += 1) {
+            digits += 1;
+            nonzero = nonzero or text[i] != '0';
+        }
+    }
+    if (digits > 0 and i < text.len and (text[i] == 'e' or text[i] == 'E')) {
+        i += 1;
+        if (i < text.len and (text[i] == '+' or text[i] == '-')) i += 1;
+        if (i == text.len or !isDigit(text[i])) return null;
+        while (i < text.len and isDigit(text[i])) i += 1;
+    }
+    if (digits == 0 or i != text.len) return null;
+    const d = std.fmt.parseFloat(f64, text) catch return null; // correctly rounded, as strtod
+    const u: u64 = @bitCast(d);
+    const sign: u32 = @as(u32, @intCast(u >> 63)) << 31;
+    if (u << 1 >> 1 > @as(u64, @bitCast(@as(f64, std.math.floatMax(f32))))) return @bitCast(sign | 0x7f800000);
+    const f: f32 = @floatCast(d);
+    return if (nonzero and bitsOf(f) << 1 == 0) @bitCast(sign | 1) else f;
+}
+
+/// Integer text, [+-]digits, as its sign and magnitude (2^64 - 1 when it is
+/// more: `saturated`); null if it is not that.
+pub const Integer = struct { negative: bool, magnitude: u64, saturated: bool = false };
+
+pub fn parseInteger(text: []const u8) ?Integer {
+    var r: Integer = .{ .negative = text.len > 0 and text[0] == '-', .magnitude = 0 };
+    const digits = if (text.len > 0 and (text[0] == '+' or text[0] == '-')) text[1..] else text;
+    if (digits.len == 0) return null;
+    for (digits) |c| {
+        if (!isDigit(c)) return null;
+        const m = std.math.mul(u64, r.magnitude, 10) catch null;
+        const sum = if (m) |x| std.math.add(u64, x, c - '0') catch null else null;
+        if (sum == null) r.saturated = true;
+        r.magnitude = if (r.saturated) std.math.maxInt(u64) else sum.?;
+    }
+    return r;
+}
+
+/// How messages name a setting: by its flag on the command line, by its name on the page.
+pub const Naming = enum { flag, setting };
+
+fn label(naming: Naming, flag: []const u8, setting: []const u8) []const u8 {
+    return if (naming == .flag) flag else setting;
+}
+
+pub fn parseTemperature(text: []const u8, naming: Naming, diag: *Diagnostic) Error!f32 {
+    const t = parseDecimal(text) orelse
+        return diag.fail(error.BadInput, "{s}: expected a number, got '{s}'", .{ label(naming, "-t", "temperature"), text });
+    if (!temperatureOk(t)) return diag.fail(error.BadInput, "{s}" ++ temperature_rule ++ ", got '{s}'", .{ label(naming, "-t: ", ""), text });
+    return t;
+}
+
+pub fn parseTopp(text: []const u8, naming: Naming, diag: *Diagnostic) Error!f32 {
+    const p = parseDecimal(text) orelse
+        return diag.fail(error.BadInput, "{s}: expected a number, got '{s}'", .{ label(naming, "-p", "top-p"), text });
+    if (!toppOk(p)) return diag.fail(error.BadInput, "{s}" ++ topp_rule ++ ", got '{s}'", .{ label(naming, "-p: ", ""), text });
+    return p;
+}
+
+pub fn parseSeed(text: []const u8, naming: Naming, diag: *Diagnostic) Error!u64 {
+    const x = parseInteger(text);
+    if (x == null or x.?.saturated or (x.?.negative and x.?.magnitude != 0))
+        return diag.fail(error.BadInput, "{s}seed must be an integer in 0..{d}, got '{s}'", .{ label(naming, "-s: ", ""), std.math.maxInt(u64), text });
+    return x.?.magnitude;
+}
+
+/// Steps: any integer; outside 0..seq_len means seq_len (see `stepsFor`).
+pub fn parseSteps(text: []const u8, naming: Naming, diag: *Diagnostic) Error!Integer {
+    return parseInteger(text) orelse
+        diag.fail(error.BadInput, "{s}: expected an integer, got '{s}'", .{ label(naming, "-n", "steps"), text });
+}
+
+/// The steps to run for a steps setting: 0 (or none) means seq_len, and so
+/// does a number outside 0..seq_len (`outside` says so).
+pub fn stepsFor(n: ?Integer, seq_len: usize) struct { steps: usize, outside: bool } {
+    const x = n orelse return .{ .steps = seq_len, .outside = false };
+    if ((x.negative and x.magnitude != 0) or x.magnitude > seq_len) return .{ .steps = seq_len, .outside = true };
+    return .{ .steps = if (x.magnitude == 0) seq_len else @intCast(x.magnitude), .outside = false };
+}
+
 // ------------------------------------------------------------------ CLI
 
 const usage_text =
     \\Usage:   runzig <checkpoint> [options]
     \\Example: runzig model.bin -n 256 -i "Once upon a time"
     \\Options:
-    \\  -t <float>  temperature in [0,inf), default 1.0 (0 = greedy)
-    \\  -p <float>  top-p (nucleus) in [0,1], default 0.9 (0 or 1 = off)
-    \\  -s <int>    random seed, default time(NULL)
+    \\  -t <float>  temperature, 0 (greedy) or 1e-6..1e6, default 1.0
+    \\  -p <float>  top-p (nucleus), 0 or 1 (off) or 1e-6..1, default 0.9
+    \\  -s <int>    random seed in 0..2^64-1, default time(NULL)
     \\  -n <int>    number of steps to run, default 256, 0 = seq_len
     \\  -i <string> input prompt
     \\  -z <string> tokenizer path, default tokenizer.bin
@@ -1839,8 +2091,8 @@ const Options = struct {
     temperature: f32 = 1.0,
     topp: f32 = 0.9,
     seed: ?u64 = null,
-    steps: i64 = 256,
-    steps_given: bool = false,
+    steps: ?Integer = null, // as given; 256 when not
+    steps_text: []const u8 = "256",
 };
 
 const CliError = Error || error{ Help, Usage };
@@ -1860,16 +2112,12 @@ fn parseOptions(args: []const [:0]const u8, diag: *Diagnostic) CliError!Options 
         if (i + 1 >= args.len) return diag.fail(error.BadInput, "flag {s} needs a value (see runzig -h)", .{flag});
         const v = args[i + 1];
         switch (flag[1]) {
-            't' => o.temperature = try parseNumber(flag, v, diag),
-            'p' => o.topp = try parseNumber(flag, v, diag),
-            's' => {
-                const x = try parseInteger(flag, v, diag);
-                if (x < 0) return diag.fail(error.BadInput, "-s: seed must be >= 0, got {d}", .{x});
-                o.seed = @intCast(x);
-            },
+            't' => o.temperature = try parseTemperature(v, .flag, diag),
+            'p' => o.topp = try parseTopp(v, .flag, diag),
+            's' => o.seed = try parseSeed(v, .flag, diag),
             'n' => {
-                o.steps = try parseInteger(flag, v, diag);
-                o.steps_given = true;
+                o.steps = try parseSteps(v, .flag, diag);
+                o.steps_text = v;
             },
             'i' => o.prompt = v,
             'z' => o.tokenizer_path = v,
@@ -1881,56 +2129,111 @@ fn parseOptions(args: []const [:0]const u8, diag: *Diagnostic) CliError!Options 
             else => unreachable,
         }
     }
-    if (o.temperature < 0) return diag.fail(error.BadInput, "-t: temperature must be >= 0, got {d}", .{o.temperature});
-    if (o.topp < 0 or o.topp > 1) return diag.fail(error.BadInput, "-p: top-p must be in [0, 1], got {d}", .{o.topp});
     return o;
 }
 
-fn parseNumber(flag: []const u8, v: []const u8, diag: *Diagnostic) Error!f32 {
-    const x = std.fmt.parseFloat(f64, std.mem.trimStart(u8, v, " \t\n")) catch
-        return diag.fail(error.BadInput, "{s}: expected a number, got '{s}'", .{ flag, v });
-    if (!std.math.isFinite(x)) return diag.fail(error.BadInput, "{s}: expected a number, got '{s}'", .{ flag, v });
-    return @floatCast(x);
+/// A file that is to be read whole, opened: only a regular file that is not
+/// empty. Its kind is looked up before it is opened, so that a FIFO (which
+/// open would wait on for a writer), a directory or a device is refused before
+/// anything is read or sized from it. `err` is the error to report with.
+fn openRegular(io: Io, path: []const u8, err: Error, diag: *Diagnostic) Error!struct { file: Io.File, size: u64 } {
+    const cwd = Io.Dir.cwd();
+    const kind = cwd.statFile(io, path, .{}) catch |e|
+        return diag.fail(err, "{s}: cannot open: {s}", .{ path, @errorName(e) });
+    if (kind.kind != .file) return diag.fail(err, "{s}: not a regular file ({s})", .{ path, kindName(kind.kind) });
+    const file = cwd.openFile(io, path, .{}) catch |e| return diag.fail(err, "{s}: cannot open: {s}", .{ path, @errorName(e) });
+    errdefer file.close(io);
+    const stat = file.stat(io) catch |e| return diag.fail(err, "{s}: cannot stat: {s}", .{ path, @errorName(e) });
+    if (stat.kind != .file) return diag.fail(err, "{s}: not a regular file ({s})", .{ path, kindName(stat.kind) });
+    if (stat.size == 0) return diag.fail(err, "{s}: file is empty", .{path});
+    return .{ .file = file, .size = stat.size };
 }
 
-fn parseInteger(flag: []const u8, v: []const u8, diag: *Diagnostic) Error!i64 {
-    return std.fmt.parseInt(i64, std.mem.trimStart(u8, v, " \t\n"), 10) catch
-        diag.fail(error.BadInput, "{s}: expected an integer, got '{s}'", .{ flag, v });
+fn kindName(kind: Io.File.Kind) []const u8 {
+    return switch (kind) {
+        .directory => "a directory",
+        .named_pipe => "a named pipe",
+        .character_device => "a character device",
+        .block_device => "a block device",
+        .unix_domain_socket => "a socket",
+        else => "an unknown kind",
+    };
+}
+
+/// len bytes of a file from offset `off` into buf, in pieces (wasmtime's WASI
+/// refuses one read of a few hundred MB).
+fn readAt(io: Io, file: Io.File, buf: []u8, off: u64, path: []const u8, err: Error, diag: *Diagnostic) Error!void {
+    var done: usize = 0;
+    while (done < buf.len) {
+        const piece = buf[done..@min(buf.len, done + (16 << 20))];
+        const got = file.readPositionalAll(io, piece, off + done) catch |e|
+            return diag.fail(err, "{s}: read failed: {s}", .{ path, @errorName(e) });
+        if (got != piece.len) return diag.fail(err, "{s}: read failed: the file shrank while being read", .{path});
+        done += got;
+    }
+}
+
+/// A whole file into buf (page-aligned), saying whether any 4-byte word could
+/// be a NaN or infinity: natively the file is mapped and copied by
+/// copyChecking; WASI cannot map files, so it reads them in pieces, each
+/// checked after it is read (while in cache).
+fn readChecking(io: Io, file: Io.File, buf: []align(std.heap.page_size_min) u8, path: []const u8, diag: *Diagnostic) Error!bool {
+    if (builtin.os.tag != .wasi) {
+        if (std.posix.mmap(null, buf.len, .{ .READ = true }, .{ .TYPE = .PRIVATE }, file.handle, 0)) |map| {
+            defer std.posix.munmap(map);
+            return copyChecking(buf, map);
+        } else |_| {} // (read it then)
+    }
+    var any = false;
+    var done: usize = 0;
+    while (done < buf.len) : (done += 256 << 10) {
+        const piece: []align(4) u8 = @alignCast(buf[done..@min(buf.len, done + (256 << 10))]);
+        try readAt(io, file, piece, done, path, error.BadModel, diag);
+        any = any or anyNonFinite(@ptrCast(piece[0 .. piece.len / 4 * 4]));
+    }
+    return any;
 }
 
 /// The model file read into anonymous memory, on huge pages where Linux gives
 /// them: the matmuls stream that ~20% faster than a mapping of the page
-/// cache's scattered 4 KiB pages (as run.c measured), and WASI cannot map
-/// big files.
-fn readModel(io: Io, path: []const u8, diag: *Diagnostic) Error![]align(std.heap.page_size_min) u8 {
-    const file = Io.Dir.cwd().openFile(io, path, .{}) catch |err|
-        return diag.fail(error.BadModel, "{s}: cannot open: {s}", .{ path, @errorName(err) });
+/// cache's scattered 4 KiB pages (as run.c measured), and WASI cannot map big
+/// files. Its header is read and checked against its size first, before the
+/// memory for the rest is allocated. An fp32 file is checked for NaN and
+/// infinity as it is read (`check_finite`: one may be there, look tensor by
+/// tensor); an int8 file's bytes often look like one, so its scales and norms
+/// (a small part of it) are always checked.
+fn readModel(io: Io, path: []const u8, diag: *Diagnostic) Error!struct { bytes: []align(std.heap.page_size_min) u8, check_finite: bool } {
+    const opened = try openRegular(io, path, error.BadModel, diag);
+    const file = opened.file;
     defer file.close(io);
-    const stat = file.stat(io) catch |err| return diag.fail(error.BadModel, "{s}: cannot stat: {s}", .{ path, @errorName(err) });
-    if (stat.kind != .file) return diag.fail(error.BadModel, "{s}: not a regular file", .{path});
-    if (stat.size == 0) return diag.fail(error.BadModel, "{s}: file is empty", .{path});
-    const len = std.math.cast(usize, stat.size) orelse return diag.fail(error.BadModel, "{s}: too big to load", .{path});
+    var head: [256]u8 = undefined;
+    const head_len: usize = @intCast(@min(opened.size, head.len));
+    try readAt(io, file, head[0..head_len], 0, path, error.BadModel, diag);
+    const header = try readHeaderOf(head[0..head_len], opened.size, path, diag);
+    const len = std.math.cast(usize, opened.size) orelse
+        return diag.fail(error.OutOfMemory, "{s}: file is {d} bytes, too big to load here", .{ path, opened.size });
     const buf = std.heap.page_allocator.alignedAlloc(u8, .fromByteUnits(std.heap.page_size_min), len) catch
         return diag.fail(error.OutOfMemory, "{s}: out of memory for its {d} bytes", .{ path, len });
     errdefer std.heap.page_allocator.free(buf);
     if (builtin.os.tag == .linux) _ = std.os.linux.madvise(buf.ptr, buf.len, std.os.linux.MADV.HUGEPAGE);
-    var done: usize = 0;
-    while (done < len) { // in pieces: wasmtime's WASI refuses one read of a few hundred MB
-        const piece = buf[done..@min(len, done + (16 << 20))];
-        const got = file.readPositionalAll(io, piece, done) catch |err|
-            return diag.fail(error.BadModel, "{s}: read failed: {s}", .{ path, @errorName(err) });
-        if (got != piece.len) return diag.fail(error.BadModel, "{s}: file shrank while being read", .{path});
-        done += got;
+    if (header.version == 2) {
+        try readAt(io, file, buf, 0, path, error.BadModel, diag);
+        return .{ .bytes = buf, .check_finite = true };
     }
-    return buf;
+    return .{ .bytes = buf, .check_finite = try readChecking(io, file, buf, path, diag) };
 }
 
+/// tokenizer.bin: its header and size are checked before it is read whole.
 fn readTokenizer(gpa: Allocator, io: Io, path: []const u8, vocab_size: usize, diag: *Diagnostic) Error!Tokenizer {
-    const data = Io.Dir.cwd().readFileAlloc(io, path, gpa, .unlimited) catch |err| switch (err) {
-        error.OutOfMemory => return error.OutOfMemory,
-        else => return diag.fail(error.BadTokenizer, "{s}: cannot open: {s}", .{ path, @errorName(err) }),
-    };
+    const opened = try openRegular(io, path, error.BadTokenizer, diag);
+    defer opened.file.close(io);
+    var head: [4]u8 = @splat(0);
+    const head_len: usize = @intCast(@min(opened.size, head.len));
+    try readAt(io, opened.file, head[0..head_len], 0, path, error.BadTokenizer, diag);
+    _ = try Tokenizer.checkSize(&head, opened.size, vocab_size, path, diag);
+    const data = try gpa.alloc(u8, std.math.cast(usize, opened.size) orelse return error.OutOfMemory);
     defer gpa.free(data);
+    try readAt(io, opened.file, data, 0, path, error.BadTokenizer, diag);
     return Tokenizer.init(gpa, data, vocab_size, path, diag);
 }
 
@@ -1995,18 +2298,19 @@ fn cli(init: std.process.Init, diag: *Diagnostic) !void {
     const o = try parseOptions(args, diag);
     const seed = o.seed orelse @as(u64, @intCast(@max(0, @divFloor(Io.Timestamp.now(io, .real).nanoseconds, std.time.ns_per_s))));
 
-    const weights = try readModel(io, o.model_path, diag);
-    defer std.heap.page_allocator.free(weights);
-    var t = try Transformer.init(gpa, weights, o.model_path, diag);
+    const model = try readModel(io, o.model_path, diag);
+    defer std.heap.page_allocator.free(model.bytes);
+    var t = try Transformer.init(gpa, model.bytes, o.model_path, model.check_finite, diag);
     defer t.deinit();
     const seq_len = t.config.seq_len;
-    var steps: usize = seq_len;
+    const n = stepsFor(o.steps orelse .{ .negative = false, .magnitude = 256 }, seq_len);
+    const steps = n.steps;
     var ebuf: [256]u8 = undefined;
     var stderr = Io.File.stderr().writer(io, &ebuf);
-    if (o.steps_given and (o.steps < 0 or o.steps > seq_len)) {
-        try stderr.interface.print("runzig: note: -n {d} is outside 0..{d}, using seq_len {d}\n", .{ o.steps, seq_len, seq_len });
+    if (n.outside and o.steps != null) {
+        try stderr.interface.print("runzig: note: -n {s} is outside 0..{d}, using seq_len {d}\n", .{ o.steps_text, seq_len, seq_len });
         try stderr.interface.flush();
-    } else if (o.steps > 0) steps = @intCast(o.steps);
+    }
     var tokenizer = try readTokenizer(gpa, io, o.tokenizer_path, t.config.vocab_size, diag);
     defer tokenizer.deinit();
     var sampler = try Sampler.init(gpa, t.config.vocab_size, o.temperature, o.topp, seed);
@@ -2082,7 +2386,7 @@ fn chat(gpa: Allocator, io: Io, t: *Transformer, tok: *Tokenizer, sampler: *Samp
             try out.text("\n");
         }
         const logits = try t.forward(token, pos, diag);
-        next = sampler.sample(logits);
+        next = try sampler.sample(logits, diag);
         pos += 1;
         if (idx >= ids.len and next != eos) try out.piece(tok.decode(token, next));
         if (next == eos) {
@@ -2162,7 +2466,7 @@ test "fp16 cache: every finite half converts back exactly, and toF16 rounds as @
     }
 }
 
-test "readHeader: norm_eps and rope_theta from a v1 header, 0 for the defaults, NaN/inf/negative refused" {
+test "readHeader: norm_eps and rope_theta from a v1 header, 0 for the defaults, NaN/inf/negative/subnormal refused" {
     // dim 2, hidden_dim 2, one layer, head, KV head, token and position: 36 floats after the header
     var file: [256 + 4 * 36]u8 = @splat(0);
     std.mem.writeInt(u32, file[0..4], magic, .little);
@@ -2178,9 +2482,96 @@ test "readHeader: norm_eps and rope_theta from a v1 header, 0 for the defaults, 
     h = try readHeader(&file, "m.bin", &diag);
     try std.testing.expectEqual(@as(f64, 1e-6), h.norm_eps);
     try std.testing.expectEqual(@as(f64, 500000.0), h.rope_theta);
-    for ([_]f64{ std.math.nan(f64), std.math.inf(f64), -1.0, 1e39 }) |bad| {
+    for ([_]f64{ std.math.nan(f64), std.math.inf(f64), -1.0, 1e39, 1e-39, 5e-324 }) |bad| {
         std.mem.writeInt(u64, file[72..80], @bitCast(bad), .little);
         try std.testing.expectError(error.BadModel, readHeader(&file, "m.bin", &diag));
         try std.testing.expect(std.mem.indexOf(u8, diag.msg, "m.bin: bad header: rope_theta") != null);
     }
+}
+
+test "settings: decimal text only, judged on the f32 it rounds to, the same rules as run.c" {
+    var diag: Diagnostic = .{};
+    for ([_][]const u8{ "0", "-0", "+0.0", "1", "1.", ".5", "1e-6", "1E6", "0.000001", "1e+6", "999999.9" }) |text|
+        _ = try parseTemperature(text, .flag, &diag);
+    for ([_][]const u8{ "1e-7", "1e-45", "1e-400", "0.0000000000000000000000000000000000000000000000001", "-1", "-1e-6", "1e39", "1e999", "1000001" }) |text| {
+        try std.testing.expectError(error.BadInput, parseTemperature(text, .flag, &diag));
+        try std.testing.expect(std.mem.startsWith(u8, diag.msg, "-t: " ++ temperature_rule ++ ", got '"));
+    }
+    for ([_][]const u8{ "", "nan", "inf", "-inf", "infinity", "0x10", "1_0", " 1", "1 ", "e5", ".", "-", "1e", "1e+", "1.0f", "１" }) |text| {
+        try std.testing.expectError(error.BadInput, parseTemperature(text, .setting, &diag));
+        try std.testing.expect(std.mem.startsWith(u8, diag.msg, "temperature: expected a number, got '"));
+    }
+    for ([_][]const u8{ "0", "1", "1e-6", "0.9", "-0" }) |text| _ = try parseTopp(text, .flag, &diag);
+    for ([_][]const u8{ "1e-7", "1e-38", "1.0000001", "-0.1", "2", "1e39" }) |text| {
+        try std.testing.expectError(error.BadInput, parseTopp(text, .setting, &diag));
+        try std.testing.expect(std.mem.startsWith(u8, diag.msg, topp_rule));
+    }
+    // a rule on the bits holds for NaN, infinities and subnormals alike
+    for ([_]f32{ std.math.nan(f32), std.math.inf(f32), -std.math.inf(f32), std.math.floatTrueMin(f32), -1e-6 }) |x| {
+        try std.testing.expect(!temperatureOk(x) and !toppOk(x));
+    }
+    try std.testing.expectEqual(@as(u64, std.math.maxInt(u64)), try parseSeed("18446744073709551615", .flag, &diag));
+    try std.testing.expectEqual(@as(u64, 0), try parseSeed("-0", .flag, &diag));
+    for ([_][]const u8{ "18446744073709551616", "-4", "1.5", "0x10", "", "+" }) |text| {
+        try std.testing.expectError(error.BadInput, parseSeed(text, .flag, &diag));
+        try std.testing.expect(std.mem.startsWith(u8, diag.msg, "-s: seed must be an integer in 0..18446744073709551615"));
+    }
+    try std.testing.expectError(error.BadInput, parseSteps("12x", .setting, &diag));
+    try std.testing.expectEqualStrings("steps: expected an integer, got '12x'", diag.msg);
+}
+
+test "stepsFor: 0 means seq_len, and so does anything outside 0..seq_len (which it says)" {
+    const cases = [_]struct { text: []const u8, steps: usize, outside: bool }{
+        .{ .text = "0", .steps = 64, .outside = false },
+        .{ .text = "-0", .steps = 64, .outside = false },
+        .{ .text = "10", .steps = 10, .outside = false },
+        .{ .text = "64", .steps = 64, .outside = false },
+        .{ .text = "65", .steps = 64, .outside = true },
+        .{ .text = "-5", .steps = 64, .outside = true },
+        .{ .text = "99999999999999999999", .steps = 64, .outside = true },
+    };
+    for (cases) |c| {
+        const n = stepsFor(parseInteger(c.text).?, 64);
+        try std.testing.expectEqual(c.steps, n.steps);
+        try std.testing.expectEqual(c.outside, n.outside);
+    }
+}
+
+test "firstNonFinite finds NaN and infinities on the bits, in any block, and nothing else" {
+    var p: [10000]f32 = undefined;
+    for (&p, 0..) |*x, i| x.* = @as(f32, @floatFromInt(i)) * 1e30 - 3e33; // large, finite
+    p[17] = std.math.floatMax(f32);
+    p[18] = std.math.floatTrueMin(f32);
+    try std.testing.expectEqual(@as(?usize, null), firstNonFinite(&p));
+    for ([_]usize{ 0, 4095, 4096, 9999 }) |at| {
+        for ([_]f32{ std.math.nan(f32), -std.math.nan(f32), std.math.inf(f32), -std.math.inf(f32) }) |bad| {
+            const keep = p[at];
+            p[at] = bad;
+            try std.testing.expectEqual(@as(?usize, at), firstNonFinite(&p));
+            p[at] = keep;
+        }
+    }
+    var diag: Diagnostic = .{};
+    p[4100] = std.math.nan(f32);
+    try std.testing.expectError(error.BadModel, checkTensor(&p, "wq", 3, true, "m.bin", &diag));
+    try std.testing.expectEqualStrings("m.bin: wq of layer 3: NaN or infinity in its scales (group 4100)", diag.msg);
+}
+
+test "tokenizer.bin: its size is bounded by vocab_size pieces of max_token_length bytes, each piece too" {
+    var diag: Diagnostic = .{};
+    var head: [4]u8 = undefined;
+    std.mem.writeInt(i32, &head, 5, .little);
+    try std.testing.expectEqual(@as(usize, 5), try Tokenizer.checkSize(&head, 4 + 3 * 13, 3, "t.bin", &diag));
+    try std.testing.expectError(error.BadTokenizer, Tokenizer.checkSize(&head, 4 + 3 * 13 + 1, 3, "t.bin", &diag));
+    try std.testing.expectEqualStrings("t.bin: file is 44 bytes, more than 3 pieces of at most max_token_length 5 bytes fill (43): it does not fit the model's vocab_size 3", diag.msg);
+    try std.testing.expectError(error.BadTokenizer, Tokenizer.checkSize(&head, 1 << 40, 32000, "t.bin", &diag));
+    // pieces of 4, 5 and 6 bytes under a max_token_length of 5 (within the size bound)
+    var file: [4 + 3 * 8 + 15]u8 = @splat('a');
+    std.mem.writeInt(i32, file[0..4], 5, .little);
+    for ([_]i32{ 4, 5, 6 }, [_]usize{ 4, 16, 29 }) |len, off| {
+        std.mem.writeInt(u32, file[off..][0..4], 0, .little);
+        std.mem.writeInt(i32, file[off + 4 ..][0..4], len, .little);
+    }
+    try std.testing.expectError(error.BadTokenizer, Tokenizer.init(std.testing.allocator, &file, 3, "t.bin", &diag));
+    try std.testing.expectEqualStrings("t.bin: piece 2 has bad length 6 (must be 0..max_token_length 5)", diag.msg);
 }

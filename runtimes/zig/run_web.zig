@@ -2,7 +2,9 @@
 //! small exported API that web/worker.js drives one token at a time:
 //!
 //!   alloc(n) -> ptr, copy model.bin / tokenizer.bin in, load(...) -> 0 | -1,
-//!   start(prompt, temperature, topp, seed, steps) -> prompt tokens | -1,
+//!   start(prompt, settings) -> prompt tokens | -1, where settings is the text of
+//!   the temperature, top-p, seed and steps fields, one a line (read by the
+//!   command line's rules: the same values are refused with the same words),
 //!   step() -> next token id | -1 at the end | -2 on error,
 //!   piecePtr()/pieceLen(): that token's bytes; errorPtr()/errorLen(): the message.
 //!
@@ -99,7 +101,7 @@ export fn load(model_ptr: [*]align(64) u8, model_len: usize, tok_ptr: [*]const u
 }
 
 fn loadModel(model_bytes: []align(64) u8, model_len: usize, tok: []const u8) run.Error!void {
-    var transformer = try run.Transformer.init(gpa, model_bytes[0..model_len], "model.bin", &diag);
+    var transformer = try run.Transformer.init(gpa, model_bytes[0..model_len], "model.bin", true, &diag);
     errdefer transformer.deinit();
     if (threaded) transformer.pool = pool;
     const tokenizer = try run.Tokenizer.init(gpa, tok, transformer.config.vocab_size, "tokenizer.bin", &diag);
@@ -117,27 +119,29 @@ fn endSession() void {
     session = null;
 }
 
-/// Begin a generation (the prompt is UTF-8 text); steps <= 0 means seq_len.
-/// Returns the number of prompt tokens (BOS included), or -1.
-export fn start(prompt_ptr: [*]const u8, prompt_len: usize, temperature: f32, topp: f32, seed: f64, steps: i32) i32 {
+/// Begin a generation (the prompt is UTF-8 text). Steps outside 1..seq_len
+/// mean seq_len. Returns the number of prompt tokens (BOS included), or -1.
+export fn start(prompt_ptr: [*]const u8, prompt_len: usize, settings_ptr: [*]const u8, settings_len: usize) i32 {
     endSession();
-    const n = startSession(prompt_ptr[0..prompt_len], temperature, topp, seed, steps) catch return -1;
+    const n = startSession(prompt_ptr[0..prompt_len], settings_ptr[0..settings_len]) catch return -1;
     return @intCast(n);
 }
 
-fn startSession(text: []const u8, temperature: f32, topp: f32, seed: f64, steps: i32) run.Error!usize {
+fn startSession(text: []const u8, settings: []const u8) run.Error!usize {
     const l = &(loaded orelse return diag.fail(error.BadInput, "no model loaded", .{}));
-    if (!(temperature >= 0)) return diag.fail(error.BadInput, "temperature must be >= 0", .{});
-    if (!(topp >= 0 and topp <= 1)) return diag.fail(error.BadInput, "top-p must be in [0, 1]", .{});
-    if (!(seed >= 0 and seed < 18446744073709551616.0)) return diag.fail(error.BadInput, "seed must be >= 0", .{});
+    var fields = std.mem.splitScalar(u8, settings, '\n');
+    const temperature = try run.parseTemperature(fields.first(), .setting, &diag);
+    const topp = try run.parseTopp(fields.next() orelse "", .setting, &diag);
+    const seed = try run.parseSeed(fields.next() orelse "", .setting, &diag);
+    const steps = try run.parseSteps(fields.next() orelse "", .setting, &diag);
     const t = &l.transformer;
     const seq_len = t.config.seq_len;
     const prompt = try l.tokenizer.encode(gpa, text, true, false, &diag);
     errdefer gpa.free(prompt);
-    if (prompt.len > seq_len) return diag.fail(error.BadInput, "the prompt encodes to {d} tokens, more than seq_len {d}", .{ prompt.len, seq_len });
-    var sampler = try run.Sampler.init(gpa, t.config.vocab_size, temperature, topp, @intFromFloat(seed));
+    if (prompt.len > seq_len) return diag.fail(error.BadInput, "prompt encodes to {d} tokens, more than seq_len {d}", .{ prompt.len, seq_len });
+    var sampler = try run.Sampler.init(gpa, t.config.vocab_size, temperature, topp, seed);
     errdefer sampler.deinit(gpa);
-    const n_steps: usize = if (steps <= 0 or steps > seq_len) seq_len else @intCast(steps);
+    const n_steps = run.stepsFor(steps, seq_len).steps;
     session = .{ .prompt = prompt, .sampler = sampler, .generator = undefined, .prev = prompt[0] };
     const s = &session.?;
     s.generator = try run.Generator.init(t, &s.sampler, s.prompt, n_steps, &diag);

@@ -11,22 +11,27 @@ import sys
 import pytest
 
 from tests.common import ROOT, STORIES260K, need
-from tests.runtimes.zigweb_util import parse_ids, write_id_tokenizer
+from tests.runtimes.models import parse_ids, write_id_tokenizer
+from tests.runtimes.runners import FileBuild
 
 STEPS = 128
+RUN_C = ROOT / "runtimes" / "c" / "run.c"
+QEMU = shutil.which("qemu-aarch64-static")
 if importlib.util.find_spec("ziglang") is None:
     pytest.skip("zig cc needs the PyPI ziglang package (pip install -r requirements-bench.txt)",
                 allow_module_level=True)
 
 
-def zig_cc(tmp_path, target):
+def zig_cc(target):
     """-O3 without -ffast-math on both sides, so the float sums are the same on every target."""
-    exe = tmp_path / f"run-{target}"
-    p = subprocess.run([sys.executable, "-m", "ziglang", "cc", "-target", target, "-static", "-O3", "-s",
-                        "-o", str(exe), str(ROOT / "runtimes" / "c" / "run.c"), "-lm"],
-                       capture_output=True, text=True, timeout=1200)
-    assert p.returncode == 0, p.stderr
-    return exe
+    return FileBuild(f"run-{target}", (sys.executable, "-m", "ziglang", "cc", "-target", target, "-static", "-O3",
+                                       "-s", "-o", "{out}", str(RUN_C), "-lm"), (RUN_C,))
+
+
+NATIVE = FileBuild("run-native-O3", ("gcc", "-O3", "-o", "{out}", str(RUN_C), "-lm"), (RUN_C,))
+X86_64 = zig_cc("x86_64-linux-musl")
+AARCH64 = zig_cc("aarch64-linux-musl")
+BUILDS = [NATIVE, X86_64] + ([AARCH64] if QEMU else [])
 
 
 def greedy_ids(cmd, model, tok):
@@ -40,27 +45,23 @@ def greedy_ids(cmd, model, tok):
 @pytest.fixture(scope="module")
 def native(tmp_path_factory):
     need(STORIES260K)
-    d = tmp_path_factory.mktemp("cross")
-    tok = write_id_tokenizer(d / "ids512.bin", 512)
-    exe = d / "run-native"
-    subprocess.run(["gcc", "-O3", "-o", str(exe), str(ROOT / "runtimes" / "c" / "run.c"), "-lm"], check=True)
-    ids = greedy_ids([exe], STORIES260K, tok)
+    tok = write_id_tokenizer(tmp_path_factory.mktemp("cross") / "ids512.bin", 512)
+    ids = greedy_ids([NATIVE.path()], STORIES260K, tok)
     assert len(ids) > 20
     return tok, ids
 
 
-def test_x86_64_musl_static(native, tmp_path):
+def test_x86_64_musl_static(native):
     tok, ids = native
-    exe = zig_cc(tmp_path, "x86_64-linux-musl")
+    exe = X86_64.path()
     assert b"ld-linux" not in exe.read_bytes()  # static: no dynamic loader named in the binary
     assert greedy_ids([exe], STORIES260K, tok) == ids
 
 
-def test_aarch64_musl_under_qemu(native, tmp_path):
-    qemu = shutil.which("qemu-aarch64-static")
-    if qemu is None:
+def test_aarch64_musl_under_qemu(native):
+    if QEMU is None:
         pytest.skip("qemu-aarch64-static not found (apt-get install qemu-user-static, or make bench-deps)")
     tok, ids = native
-    exe = zig_cc(tmp_path, "aarch64-linux-musl")
+    exe = AARCH64.path()
     assert exe.read_bytes()[:20][18] == 183  # ELF e_machine EM_AARCH64
-    assert greedy_ids([qemu, exe], STORIES260K, tok) == ids
+    assert greedy_ids([QEMU, exe], STORIES260K, tok) == ids

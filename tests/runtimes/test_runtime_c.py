@@ -14,9 +14,13 @@ import dataclasses
 import math
 import os
 import random
+import re
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,11 +372,12 @@ def test_norm_eps_and_rope_theta_from_the_header_int8(rt, tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("norm_eps", math.nan), ("norm_eps", -1e-5), ("rope_theta", math.inf),
-                                         ("rope_theta", -math.inf), ("rope_theta", 1e39)])
+                                         ("rope_theta", -math.inf), ("rope_theta", 1e39), ("norm_eps", 1e-39),
+                                         ("norm_eps", 5e-324), ("rope_theta", -0.5)])
 def test_bad_norm_eps_or_rope_theta_is_refused(rt, tmp_path, field, value):
-    """NaN, infinities, negative numbers and numbers past float's range: one line naming the
-    file and the field, from the library (built with -Ofast, which assumes there are no NaNs or
-    infinities) and the CLI."""
+    """NaN, infinities, negative numbers, numbers past float's range and below its normal range
+    (a subnormal float, which -Ofast flushes to zero): one line naming the file and the field,
+    from the library (built with -Ofast, which assumes there are no NaNs or infinities) and the CLI."""
     path = write_model(tmp_path / "m.bin", TINY, 1)
     data = bytearray(path.read_bytes())
     struct.pack_into("<d", data, 64 if field == "norm_eps" else 72, value)  # the header's f64 fields
@@ -542,6 +547,271 @@ def test_library_errors_are_exceptions(rt, tmp_path):
     write_word_tokenizer(tmp_path / "t.bin", 600)
     with pytest.raises(rt.RunError, match="vocab_size 512"):
         rt.Tokenizer(tmp_path / "t.bin", 512)
+
+
+# ------------------------------------------------------------------ bad input the command line cannot give
+
+
+def model_with(path, version=1, shared=True, gs=None, **changes):
+    """A TINY model written by modelbin after changes to its random tensors: {name: (index, value)},
+    or {name: value} for the whole tensor."""
+    header = modelbin.Header(version, *TINY, shared_classifier=shared,
+                             group_size=gs or (modelbin.pick_group_size(*TINY[:2]) if version == 2 else 0))
+    tensors = modelbin.random_tensors(header)
+    for name, change in changes.items():
+        name = name.replace("__", ".")
+        if isinstance(change, tuple):
+            tensors[name].reshape(-1)[change[0]] = change[1]
+        else:
+            tensors[name][...] = change
+    with np.errstate(invalid="ignore", over="ignore"):  # quantizing a NaN
+        modelbin.write_model(path, header, tensors)
+    return path
+
+
+# (id, version, shared, group size, {tensor: (flat index, value)}, words of the message)
+NONFINITE_WEIGHTS = [
+    ("v1_embedding", 1, True, None, {"tok_embeddings.weight": (10, math.nan)}, "embedding: NaN or infinity in its "
+     "weights (element 10)"),
+    ("v1_wq_layer1", 1, True, None, {"layers.1.attention.wq.weight": (5, -math.inf)}, "wq of layer 1: NaN or "
+     "infinity in its weights (element 5)"),
+    ("v1_rms_ffn", 1, True, None, {"layers.1.ffn_norm.weight": (3, math.inf)}, "rms_ffn of layer 1: NaN or "
+     "infinity in its weights (element 3)"),
+    ("v1_rms_final", 1, True, None, {"norm.weight": (63, math.nan)}, "rms_final: NaN or infinity in its weights "
+     "(element 63)"),
+    ("v0_classifier", 0, False, None, {"output.weight": (512 * 64 - 1, math.nan)}, "classifier: NaN or infinity"),
+    ("v0_w2_layer0", 0, True, None, {"layers.0.feed_forward.w2.weight": (100, math.inf)}, "w2 of layer 0: NaN or "
+     "infinity in its weights (element 100)"),
+    ("v0_rms_att", 0, True, None, {"layers.0.attention_norm.weight": (0, math.nan)}, "rms_att of layer 0"),
+    # int8: a NaN among a group's weights makes its scale NaN (modelbin clips an infinity); norms stay fp32
+    ("v2_embedding", 2, True, 64, {"tok_embeddings.weight": (64 * 7 + 3, math.nan)}, "embedding: NaN or infinity "
+     "in its scales (group 7)"),
+    ("v2_w2_straddled", 2, True, 64, {"layers.1.feed_forward.w2.weight": (200, math.nan)}, "w2 of layer 1: NaN or "
+     "infinity in its scales (group 3)"),
+    ("v2_wv_gs16", 2, True, 16, {"layers.0.attention.wv.weight": (40, math.nan)}, "wv of layer 0: NaN or infinity "
+     "in its scales (group 2)"),
+    ("v2_classifier", 2, False, 32, {"output.weight": (0, math.nan)}, "classifier: NaN or infinity in its scales "
+     "(group 0)"),
+    ("v2_rms_att", 2, True, 64, {"layers.1.attention_norm.weight": (9, math.nan)}, "rms_att of layer 1: NaN or "
+     "infinity in its weights (element 9)"),
+]
+
+
+@pytest.mark.parametrize("name,version,shared,gs,changes,words", NONFINITE_WEIGHTS,
+                         ids=[c[0] for c in NONFINITE_WEIGHTS])
+def test_nonfinite_weights_are_refused_naming_the_tensor(rt, tmp_path, name, version, shared, gs, changes, words):
+    """The library (-Ofast: the tests are on the bits) and the sanitizer CLI refuse the file at
+    load, naming the tensor, the layer and where in it."""
+    path = model_with(tmp_path / "m.bin", version, shared, gs, **changes)
+    with pytest.raises(rt.RunError) as e:
+        rt.Model(path)
+    assert str(e.value) == f"{path}: {words}" or str(e.value).startswith(f"{path}: {words}"), str(e.value)
+    p = subprocess.run([str(ROOT / "run_san"), str(path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and words in p.stderr and p.stdout == "", p.stderr
+
+
+def test_nonfinite_numbers_outside_the_weights_are_no_error(rt, tmp_path):
+    """v0's RoPE tables are in the file but never read (they are recomputed): a NaN there is no
+    reason to refuse it, and a file that the copy's quick check flags is then searched tensor by tensor."""
+    header = modelbin.Header(0, *TINY)
+    tensors = modelbin.random_tensors(header)
+    tensors["rope.cos"], tensors["rope.sin"] = modelbin.rope_tables_np(header.head_dim, header.seq_len)
+    tensors["rope.sin"][3, 4] = math.nan
+    modelbin.write_model(tmp_path / "m.bin", header, tensors)
+    good = write_model(tmp_path / "good.bin", TINY, 0)
+    assert rt.Model(tmp_path / "m.bin").generate(steps=20, temperature=0) == rt.Model(good).generate(
+        steps=20, temperature=0)
+
+
+def test_overflowing_logits_stop_generation(rt, tmp_path):
+    """Finite weights that overflow in the forward pass: the position's logits are refused, from
+    forward() and generate() alike, never sampled. (BOS's embedding row is made 10s, so that the
+    final norm of float's largest number overflows at position 0 already.)"""
+    path = model_with(tmp_path / "m.bin", 1, tok_embeddings__weight=(slice(64, 128), 10.0),
+                      norm__weight=np.finfo(np.float32).max)
+    m = rt.Model(path)
+    with pytest.raises(rt.RunError, match=r"m\.bin: the logits at position 0 are not finite \(NaN or infinity\)"):
+        m.forward(1, 0)
+    with pytest.raises(rt.RunError, match="position 0 are not finite"):
+        m.generate(steps=8, temperature=1.0, seed=1)
+    write_word_tokenizer(tmp_path / "tok.bin", 512)
+    p = subprocess.run([str(ROOT / "run_san"), str(path), "-z", str(tmp_path / "tok.bin"), "-s", "1"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stdout == "" and p.stderr.count("\n") == 1 and "not finite" in p.stderr
+
+
+def test_logits_that_overflow_when_divided_by_the_temperature(rt, tmp_path):
+    """Logits of about 1e33 are finite, but divided by a temperature of 1e-6 they are not: refused
+    rather than sampled; greedy and temperature 1 run."""
+    m = rt.Model(model_with(tmp_path / "m.bin", 1, norm__weight=1e34))
+    assert np.isfinite(m.forward(1, 0)).all()
+    with pytest.raises(rt.RunError, match="temperature too low: the logits divided by it are not finite"):
+        m.generate(steps=8, temperature=1e-6, seed=1)
+    assert len(m.generate(steps=8, temperature=0, stop_at_bos=False)) == 9
+    assert len(m.generate(steps=8, temperature=1.0, seed=1, stop_at_bos=False)) == 9
+
+
+# (temperature, top-p, what the library says): the rules of the CLI's -t and -p, on the float
+# the library is given; NaN, infinities, subnormal numbers (flushed to zero by -Ofast) and numbers
+# past the ranges are refused
+SAMPLER_SETTINGS = [
+    (math.nan, 0.9, "temperature must be 0 (greedy) or between 1e-6 and 1e6, got nan"),
+    (math.inf, 0.9, "temperature must be"),
+    (-math.inf, 0.9, "temperature must be"),
+    (-1.0, 0.9, "temperature must be"),
+    (1e-45, 0.9, "temperature must be"),
+    (1e-7, 0.9, "temperature must be"),
+    (1.1e6, 0.9, "temperature must be"),
+    (1.0, math.nan, "top-p must be 0 or 1 (off), or between 1e-6 and 1, got nan"),
+    (1.0, math.inf, "top-p must be"),
+    (1.0, -0.1, "top-p must be"),
+    (1.0, 1.0000001, "top-p must be"),
+    (1.0, 1e-38, "top-p must be"),
+    (1.0, 1e-7, "top-p must be"),
+    (0.0, math.nan, "top-p must be"),  # checked even when greedy ignores it
+]
+
+
+@pytest.mark.parametrize("temperature,topp,words", SAMPLER_SETTINGS,
+                         ids=[f"t={t}-p={p}" for t, p, _ in SAMPLER_SETTINGS])
+def test_library_refuses_bad_sampler_settings(rt, tmp_path, temperature, topp, words):
+    m = rt.Model(write_model(tmp_path / "m.bin", TINY, 1))
+    with pytest.raises(rt.RunError, match=re.escape(words)):
+        m.generate(steps=8, temperature=temperature, topp=topp, seed=1)
+
+
+@pytest.mark.parametrize("temperature,topp", [(0.0, 0.0), (-0.0, -0.0), (1e-6, 1e-6), (1e6, 1.0), (0.5, 0.5)])
+def test_library_takes_the_edges_of_the_sampler_settings(rt, tmp_path, temperature, topp):
+    m = rt.Model(write_model(tmp_path / "m.bin", TINY, 1))
+    assert len(m.generate(steps=8, temperature=temperature, topp=topp, seed=1, stop_at_bos=False)) == 9
+
+
+@pytest.fixture(scope="module")
+def runfast(tmp_path_factory):
+    """run.c built as `make runfast` does (-Ofast, no OpenMP, no -march): fast-math without the
+    vector kernels, the one C build the conformance suite does not run."""
+    exe = tmp_path_factory.mktemp("runfast") / "runfast"
+    subprocess.run(["gcc", "-Ofast", "-o", str(exe), str(ROOT / "runtimes" / "c" / "run.c"), "-lm"], check=True)
+    return exe
+
+
+# a command line's numbers, and what the one line on stderr says: what -Ofast could let through
+FAST_MATH_FLAGS = [
+    (["-t", "nan"], "-t: expected a number, got 'nan'"),
+    (["-t", "inf"], "-t: expected a number, got 'inf'"),
+    (["-p", "nan"], "-p: expected a number, got 'nan'"),
+    (["-t", "1e-45"], "-t: temperature must be 0 (greedy) or between 1e-6 and 1e6, got '1e-45'"),
+    (["-t", "1e39"], "-t: temperature must be 0 (greedy) or between 1e-6 and 1e6, got '1e39'"),
+    (["-t", "1e-400"], "-t: temperature must be 0 (greedy) or between 1e-6 and 1e6, got '1e-400'"),
+    (["-p", "1e-38"], "-p: top-p must be 0 or 1 (off), or between 1e-6 and 1, got '1e-38'"),
+    (["-p", "1.0000001"], "-p: top-p must be 0 or 1 (off), or between 1e-6 and 1, got '1.0000001'"),
+]
+
+
+@pytest.mark.parametrize("args,message", FAST_MATH_FLAGS, ids=[" ".join(a) for a, _ in FAST_MATH_FLAGS])
+def test_runfast_refuses_numbers_that_fast_math_would_let_through(rt, tmp_path, runfast, args, message):
+    model, tok = write_model(tmp_path / "m.bin", TINY, 1), write_word_tokenizer(tmp_path / "t.bin", 512)
+    p = subprocess.run([str(runfast), str(model), "-z", str(tok), *args], capture_output=True, text=True, timeout=60)
+    assert (p.returncode, p.stdout, p.stderr) == (1, "", f"run: {message}\n")
+
+
+def test_runfast_refuses_nonfinite_weights_and_overflow(rt, tmp_path, runfast):
+    tok = write_word_tokenizer(tmp_path / "t.bin", 512)
+    nan = model_with(tmp_path / "nan.bin", 1, layers__0__attention__wk__weight=(7, math.nan))
+    huge = model_with(tmp_path / "huge.bin", 1, norm__weight=1e34)
+    p = subprocess.run([str(runfast), str(nan), "-z", str(tok)], capture_output=True, text=True, timeout=60)
+    assert p.stderr == f"run: {nan}: wk of layer 0: NaN or infinity in its weights (element 7)\n"
+    p = subprocess.run([str(runfast), str(huge), "-z", str(tok), "-t", "1e-6", "-s", "1"], capture_output=True,
+                       timeout=60)  # (stdout: the tokens sampled before, any bytes)
+    assert p.returncode == 1 and p.stderr == b"run: temperature too low: the logits divided by it are not finite " \
+                                             b"(NaN or infinity)\n", p.stderr
+
+
+def open_in_a_process(what, path, timeout=30):
+    """runtime.Model(path) or Tokenizer(path, 512) in a new process (a hang would hang this one):
+    the RunError message, or "" when it loads."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import runtime\n"
+            f"try: runtime.{what}({str(path)!r}{', 512' if what == 'Tokenizer' else ''})\n"
+            "except runtime.RunError as e: print(e)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("what", ["Model", "Tokenizer"])
+@pytest.mark.parametrize("kind", ["directory", "fifo", "/dev/zero", "/dev/null"])
+def test_library_refuses_files_that_are_not_regular(rt, tmp_path, what, kind):
+    """Refused before anything is read or allocated from them: a FIFO without a writer must not
+    hang, /dev/zero must not be read without end, a directory must not be sized by seeking."""
+    path = tmp_path / "x"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path = kind
+    kinds = {"directory": "a directory", "fifo": "a named pipe"}
+    assert open_in_a_process(what, path) == f"{path}: not a regular file ({kinds.get(kind, 'a character device')})"
+
+
+def test_huge_sparse_files_are_refused_without_reading_them(rt, tmp_path):
+    """A 1 TiB file of zeros (sparse: no disk) as the model and as the tokenizer: the header and
+    the size are checked before the file is copied or read, so this takes no time or memory."""
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(1 << 40)
+    assert "bad header: dim = 0" in open_in_a_process("Model", big, timeout=20)
+    assert "bad header: max_token_length 0" in open_in_a_process("Tokenizer", big, timeout=20)
+    tok = write_word_tokenizer(tmp_path / "t.bin", 512)
+    with open(tok, "r+b") as f:  # a valid tokenizer's header, then a terabyte
+        f.truncate(1 << 40)
+    msg = open_in_a_process("Tokenizer", tok, timeout=20)
+    assert msg.startswith(f"{tok}: file is 1099511627776 bytes, more than 512 pieces of at most max_token_length"), msg
+
+
+def test_piece_longer_than_max_token_length_is_refused(rt, tmp_path):
+    """llama2.c sizes its merge buffer from max_token_length; modelbin and the runtimes refuse a
+    piece longer than the header says."""
+    tok = write_word_tokenizer(tmp_path / "t.bin", 512)
+    data = bytearray(tok.read_bytes())
+    struct.pack_into("<i", data, 0, 5)  # the word pieces are at most 5 bytes; "<unk>" too
+    struct.pack_into("<i", data, 4 + 8 + 5 + 4, 6)  # piece 1 ("\n<s>\n", 5 bytes) says 6
+    tok.write_bytes(data)
+    with pytest.raises(rt.RunError, match=r"piece 1 has bad length 6 \(must be 0..max_token_length 5\)"):
+        rt.Tokenizer(tok, 512)
+
+
+def as_nobody():
+    """For subprocess: run as user nobody (root reads any file, so an unreadable file needs another user)."""
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+@pytest.fixture
+def open_dir():
+    """A directory every user may enter (pytest's own are root's alone), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="unreadable-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+def test_unreadable_files(rt, open_dir):
+    """A file the user may not read, as the model and as the tokenizer: "cannot open: Permission
+    denied". The tests run as root, who reads any file; the CLI runs as nobody here."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run the CLI as another user")
+    exe = open_dir / "run"
+    shutil.copy(ROOT / "run_san", exe)
+    model, tok = write_model(open_dir / "m.bin", TINY, 1), write_word_tokenizer(open_dir / "t.bin", 512)
+    exe.chmod(0o755)
+    for path in (model, tok):
+        path.chmod(0o644)
+    for locked in (model, tok):
+        locked.chmod(0o000)
+        p = subprocess.run([str(exe), str(model), "-z", str(tok), "-n", "4"], capture_output=True, text=True,
+                           timeout=60, preexec_fn=as_nobody, env={**os.environ, "ASAN_OPTIONS": "detect_leaks=0"})
+        locked.chmod(0o644)
+        assert p.returncode == 1 and p.stderr == f"run: {locked}: cannot open: Permission denied\n", p.stderr
 
 
 # ------------------------------------------------------------------ the KV cache's fp16
