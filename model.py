@@ -8,6 +8,7 @@ and a classifier tied to the token embedding. `generate()` keeps a KV cache.
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -235,30 +236,50 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def stream(self, tokens, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None,
-               stop_tokens=(), use_cache: bool = True, compile: bool = False):
+               stop_tokens=(), use_cache: bool = True, compile: bool = False, sampler=None, keep: int = 0):
         """Yield new token ids (B,) one step at a time, continuing `tokens` (B, T).
 
+        sampler: a callable logits (B, vocab) -> ids (B,) that replaces sample_next and its settings
+        (temperature, top_k, top_p, generator), e.g. Llama2cSampler for llama2.c's ids.
+
         Stops early once every sequence has produced one of `stop_tokens` (e.g. BOS/EOS), and at
-        max_seq_len. use_cache=False recomputes the whole sequence for every token, as llama2.c's
-        model.py does (same ids, slower). compile=True runs the one-token steps through
-        torch.compile: it pays only over thousands of tokens (see bench/bench_torch.py).
+        max_seq_len unless keep > 0: then, whenever the context is full, its first `keep` tokens
+        stay, the older half of the rest (rounded up) is dropped and generation goes on, as the C
+        and Zig runtimes' -k does (docs/design-notes.md). use_cache=False recomputes the whole
+        context for every token, as llama2.c's model.py does (same ids, slower). compile=True runs
+        the one-token steps through torch.compile: it pays only over thousands of tokens (see
+        bench/bench_torch.py).
         """
         B, T = tokens.shape
-        end = T + max(0, min(max_new_tokens, self.args.max_seq_len - T))
+        S = self.args.max_seq_len
+        if not 0 <= keep < S:
+            raise ValueError(f"keep must be in 0..{S - 1} (max_seq_len - 1), got {keep}")
+        if keep and T > S:
+            raise ValueError(f"prompt of {T} tokens exceeds max_seq_len {S}")
+        end = T + max(0, max_new_tokens if keep else min(max_new_tokens, S - T))
         seq = tokens.new_empty(B, end)  # the whole sequence, filled in as it grows
         seq[:, :T] = tokens
         cache = self.new_kv_cache(B) if use_cache else None
         one_token_step = self.compiled_next_logits() if compile and use_cache else self.next_logits
         stop = torch.tensor(list(stop_tokens), dtype=seq.dtype, device=seq.device) if stop_tokens else None
         done = torch.zeros(B, dtype=torch.bool, device=seq.device)
+        dropped = 0  # seq[:, keep : keep + dropped] has left the context; seq[:, i] after it is at i - dropped
         for pos in range(T, end):
+            shift = pos - dropped > S  # the context, seq[:, pos - 1] included, does not fit
+            if shift:
+                dropped += (S - keep + 1) // 2
             if not use_cache:
-                logits = self.next_logits(seq[:, :pos])
+                logits = self.next_logits(torch.cat((seq[:, :keep], seq[:, keep + dropped : pos]), dim=1)
+                                          if dropped else seq[:, :pos])
             elif pos == T:
                 logits = self.next_logits(tokens, cache, 0)  # the prompt fills the cache
+            elif shift:
+                # the tokens after the kept ones move to new positions: run them again (the kept
+                # ones' keys and values stay, as they see only each other)
+                logits = self.next_logits(seq[:, keep + dropped : pos], cache, keep)
             else:
-                logits = one_token_step(seq[:, pos - 1 : pos], cache, pos - 1)
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+                logits = one_token_step(seq[:, pos - 1 : pos], cache, pos - 1 - dropped)
+            token = sampler(logits) if sampler else sample_next(logits, temperature, top_k, top_p, generator)
             seq[:, pos] = token
             yield token
             if stop is not None:
@@ -340,3 +361,64 @@ def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+class Llama2cSampler:
+    """llama2.c's sampler (run.c's sample()): for the same seed, temperature and top-p, the ids that
+    llama2.c and this project's C runtime print. A callable for stream()/generate(sampler=...).
+
+    Its own random numbers (xorshift64*, one coin per token, drawn after the softmax), float32 arithmetic
+    in run.c's order (sequential sums: np.cumsum; np.sum adds pairwise), top-p over the tokens whose
+    probability is at least (1 - top_p) / (vocab - 1), sorted by probability. Temperature 0 is greedy;
+    top-p 0 or 1 samples from the whole distribution. Seed 0 is refused: llama2.c reads it as "seed from
+    the clock", and xorshift never leaves a zero state. One host sync per token (the logits row).
+    """
+
+    MASK = 2**64 - 1
+
+    def __init__(self, seed: int, temperature: float = 1.0, top_p: float = 0.9):
+        if not 0 < seed <= self.MASK:
+            raise ValueError(f"seed must be between 1 and 2**64 - 1, got {seed}")
+        self.state = seed
+        self.temperature, self.top_p = np.float32(temperature), np.float32(top_p)
+
+    def random_u32(self) -> int:
+        s = self.state
+        s ^= s >> 12
+        s ^= (s << 25) & self.MASK
+        s ^= s >> 27
+        self.state = s
+        return ((s * 0x2545F4914F6CDD1D) & self.MASK) >> 32
+
+    def random_f32(self) -> np.float32:
+        return np.float32((self.random_u32() >> 8) / 16777216.0)  # 24 random bits: exact in float32, in [0, 1)
+
+    def __call__(self, logits) -> torch.Tensor:
+        """logits (B, vocab) -> token ids (B,), one row after another (one coin each)."""
+        rows = logits.float().cpu().numpy()
+        if not np.isfinite(rows).all():
+            raise FloatingPointError("the model's logits are NaN or infinite (its activations overflowed)")
+        return torch.tensor([self.sample(row) for row in rows], device=logits.device)
+
+    def sample(self, logits: np.ndarray) -> int:
+        if self.temperature == 0:
+            return int(np.argmax(logits))  # the first of equal maxima, as run.c's argmax
+        z = logits / self.temperature
+        x = np.exp(z - np.max(z))
+        probs = x / np.cumsum(x)[-1]  # the softmax
+        coin = self.random_f32()
+        if self.top_p <= 0 or self.top_p >= 1:
+            return self.pick(np.cumsum(probs), coin, len(probs) - 1)
+        cutoff = (np.float32(1) - self.top_p) / np.float32(len(probs) - 1)
+        candidates = np.flatnonzero(probs >= cutoff)
+        candidates = candidates[np.argsort(-probs[candidates], kind="stable")]  # equal probabilities: lower id first
+        cumulative = np.cumsum(probs[candidates])
+        over = np.flatnonzero(cumulative > self.top_p)
+        last = int(over[0]) if len(over) else len(candidates) - 1  # the nucleus: candidates[:last + 1]
+        return int(candidates[self.pick(cumulative[: last + 1], coin * cumulative[last], last)])
+
+    @staticmethod
+    def pick(cdf: np.ndarray, r: np.float32, fallback: int) -> int:
+        """The first i with r < cdf[i] (cdf ascending), else fallback (rounding left the total below r)."""
+        i = int(np.searchsorted(cdf, r, side="right"))
+        return i if i < len(cdf) else fallback

@@ -405,6 +405,23 @@ def random_tensors(header: Header, seed: int = 0) -> dict[str, np.ndarray]:
     return tensors
 
 
+def random_vocab(vocab_size: int, seed: int = 0) -> tuple[list[bytes], list[float]]:
+    """(pieces, scores) for write_tokenizer, the same for the same size and seed: <unk>, BOS, EOS
+    as llama2.c stores them, the 256 byte pieces, then random words of lower-case letters and
+    spaces, scored -id. Text in, text out, for the benchmark's and the runtime tests' prompts."""
+    rng = np.random.default_rng(seed)
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % i for i in range(256)]
+    letters = b"abcdefghijklmnopqrstuvwxyz "
+    seen = set(pieces)
+    while len(pieces) < vocab_size:
+        word = bytes(letters[i] for i in rng.integers(0, len(letters), rng.integers(1, 6)))
+        if word not in seen:
+            seen.add(word)
+            pieces.append(word)
+    pieces = pieces[:vocab_size]
+    return pieces, [-float(i) for i in range(len(pieces))]
+
+
 # -----------------------------------------------------------------------------
 # tokenizer.bin
 

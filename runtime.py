@@ -52,10 +52,12 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         "rt_forward": (ctypes.POINTER(ctypes.c_float), [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]),
         "rt_generate": (
             ctypes.c_int,
-            [ctypes.c_void_p, c_int_p, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float,
+            [ctypes.c_void_p, c_int_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float,
              ctypes.c_ulonglong, ctypes.c_int, c_int_p],
         ),
         "rt_topp_threshold": (ctypes.c_float, [ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_float]),
+        "rt_sample_probs": (ctypes.c_int, [ctypes.POINTER(ctypes.c_float), ctypes.c_int, ctypes.c_float,
+                                           ctypes.c_float]),
         "rt_to_f16": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]),
         "rt_from_f16": (None, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]),
         "rt_tokenizer_open": (ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]),
@@ -134,13 +136,19 @@ class Model(_Handle):
         return np.ctypeslib.as_array(p, shape=(self.vocab_size,)).copy()
 
     def generate(self, prompt_ids=None, steps: int = 256, temperature: float = 1.0, topp: float = 0.9,
-                 seed: int = 0, stop_at_bos: bool = True) -> list[int]:
+                 seed: int = 0, stop_at_bos: bool = True, keep: int = 0) -> list[int]:
         """Run llama2.c's generation loop and return the whole sequence of ids.
 
         prompt_ids: ids starting with BOS (default [1]). At most `steps` forward
-        passes (steps <= seq_len); prompt ids are forced, later ids sampled:
+        passes (steps <= seq_len, unless keep > 0: then, whenever all seq_len
+        positions are used, the first `keep` ids stay, the older half of the
+        rest goes, and generation goes on); prompt ids are forced, later ids sampled:
         greedy when temperature == 0, else softmax(logits / temperature) with
-        top-p when 0 < topp < 1. The same seed always gives the same ids. The
+        top-p when 0 < topp < 1, drawn as llama2.c's run.c draws them: the seed
+        is its xorshift state, so `./run ... -s SEED` gives the same ids (up to
+        float rounding: the library is built with -Ofast). The same seed always
+        gives the same ids; 0, which run.c reads as "seed from the clock", is
+        here a fixed state of its own. The
         returned list is prompt + generated (at most steps + 1 ids); generation
         stops early when BOS is sampled (not included) if stop_at_bos.
         """
@@ -148,7 +156,7 @@ class Model(_Handle):
         prompt_ids = [1] if prompt_ids is None else list(prompt_ids)
         arr, n = _ids(prompt_ids)
         out = (ctypes.c_int * (max(int(steps), n) + 1))()
-        got = self._lib.rt_generate(self._h, arr, n, int(steps), float(temperature), float(topp),
+        got = self._lib.rt_generate(self._h, arr, n, int(steps), int(keep), float(temperature), float(topp),
                                     int(seed) & (2**64 - 1), STOP_AT_BOS if stop_at_bos else 0, out)
         if got < 0:
             raise _error(self._lib)
@@ -183,7 +191,10 @@ class Tokenizer(_Handle):
         return list(out[:n])
 
     def decode_bytes(self, ids) -> bytes:
-        """Bytes of the pieces; BOS/EOS give nothing; a leading space at the start or after BOS is dropped."""
+        """Bytes of the pieces; BOS/EOS give nothing; a leading space at the start or after BOS is dropped.
+
+        This is text, every byte kept. ./run prints as llama2.c's run.c does instead: BOS/EOS as their
+        pieces, and a lone byte piece only if it is printable ASCII or whitespace."""
         arr, n = _ids(ids)
         cap = 16 * n + 16
         buf = ctypes.create_string_buffer(cap)

@@ -133,12 +133,16 @@ class TextStream:
 def torch_stream(args, prompt_ids, model, stop_tokens):
     import torch
 
+    from model import Llama2cSampler
+
     model = model.to(args.device).eval()
     x = torch.tensor([prompt_ids], dtype=torch.long, device=args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    sampler = Llama2cSampler(args.seed, args.temperature, args.top_p) if args.sampler == "llama2c" else None
     for token in model.stream(
         x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
         top_p=args.top_p if 0.0 < args.top_p < 1.0 else None, generator=generator, stop_tokens=stop_tokens,
+        sampler=sampler, keep=args.keep,
     ):
         yield int(token[0])
 
@@ -146,10 +150,12 @@ def torch_stream(args, prompt_ids, model, stop_tokens):
 def c_stream(args, prompt_ids, cmodel):
     """The same generation through the C runtime (librun.so)."""
     # llama2.c counts steps as forward passes: the prompt after BOS, then one per new token.
-    # Like model.stream, keep the whole sequence within seq_len.
-    steps = min(len(prompt_ids) - 1 + args.max_new_tokens, cmodel.seq_len - 1)
+    # Like model.stream, keep the whole sequence within seq_len (unless --keep shifts the context).
+    steps = len(prompt_ids) - 1 + args.max_new_tokens
+    if not args.keep:
+        steps = min(steps, cmodel.seq_len - 1)
     ids = cmodel.generate(prompt_ids, steps=steps, temperature=args.temperature, topp=args.top_p,
-                          seed=args.seed, stop_at_bos=False)
+                          seed=args.seed, stop_at_bos=False, keep=args.keep)
     yield from ids[len(prompt_ids):]
 
 
@@ -167,9 +173,17 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=SEED, default=1337)
     p.add_argument("--device", default="cpu")
     p.add_argument("--engine", choices=("torch", "c"), default="torch", help="c: run through the C runtime")
+    p.add_argument("--sampler", choices=("torch", "llama2c"), default="torch", help="llama2c: llama2.c's own "
+                   "sampler, the ids ./run prints for the same -s -t -p (the c engine always samples so)")
     p.add_argument("--ids", action="store_true", help="print token ids instead of text")
     p.add_argument("--no_stop", action="store_true", help="do not stop at BOS/EOS")
+    p.add_argument("--keep", type=cmdline.at_least(0), default=0, help="go on past max_seq_len: keep the first "
+                   "KEEP tokens, drop the older half of the rest (0: stop at max_seq_len)")
     args = p.parse_args(argv)
+    if args.sampler == "llama2c" and args.top_k:
+        p.error("argument --top_k: --sampler llama2c has no top-k, as llama2.c has none (drop it, or --sampler torch)")
+    if args.sampler == "llama2c" and args.seed == 0:
+        p.error("argument --seed: must be at least 1 with --sampler llama2c (llama2.c reads 0 as 'use the clock')")
     if args.engine == "torch":  # (the C engine runs on the CPU, and must not import torch)
         from configs import ConfigError, check_device
 
@@ -197,6 +211,8 @@ def main(argv=None) -> int:
             prompt_ids = tokenizer.encode(args.prompt, bos=True) if tokenizer else [bos]
             if len(prompt_ids) >= max_seq_len:
                 raise SampleError(f"--prompt is {len(prompt_ids)} tokens; the model's max_seq_len is {max_seq_len}")
+            if args.keep >= max_seq_len:
+                raise SampleError(f"--keep {args.keep} must be less than the model's max_seq_len {max_seq_len}")
         except (SampleError, TokenizerError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -426,10 +426,11 @@ def train_vocab(vocab_size: int, data_dir: str = DATA_DIR, num_shards: int = 10,
                     input=text_file, model_prefix=os.path.join(tmp, "tok"), model_type="bpe", vocab_size=vocab_size,
                     self_test_sample_size=0, input_format="text", character_coverage=1.0,
                     num_threads=os.cpu_count(), split_digits=True, allow_whitespace_only_pieces=True,
-                    byte_fallback=True, unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
-                    # the C encoder (and Llama 2) prepend a dummy space to the text, as SentencePiece does by default
-                    add_dummy_prefix=True, input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-                    minloglevel=2)
+                    byte_fallback=True, unk_surface=r" \342\201\207 ",
+                    # the text as it is, as Llama 2's tokenizer takes it: the C and Zig encoders normalise nothing,
+                    # so no NFKC and no collapsing or trimming of spaces; only the dummy-prefix space they prepend
+                    normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+                    input_sentence_size=input_sentence_size, shuffle_input_sentence=True, minloglevel=2)
         except RuntimeError as e:
             raise DataError(f"sentencepiece could not train a {vocab_size}-piece vocabulary: "
                             f"{str(e).strip().splitlines()[-1]}") from None

@@ -21,6 +21,10 @@ DEFAULT_MODEL = "tokenizer.model"  # the Llama 2 tokenizer, as llama2.c ships it
 # <s> and </s> in the Llama 2 vocabulary and in every vocabulary tinystories.py trains; what llama2.c's
 # runtimes assume. Only for ids with no tokenizer at hand: otherwise ask Tokenizer.bos_id / eos_id.
 LLAMA2_BOS_ID, LLAMA2_EOS_ID = 1, 2
+# run.c and run.zig encode text as it is, after one space in front (SentencePiece's dummy prefix), as
+# Llama 2's tokenizer does. SentencePiece's trainer by default also rewrites text (NFKC, runs of spaces
+# collapsed, leading and trailing ones dropped); this text shows whether a vocabulary does.
+NORMALISATION_PROBE = " a  b\u00a0\ufb01 "
 
 
 class TokenizerError(ValueError):
@@ -49,6 +53,10 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 
+    def normalises(self) -> bool:
+        """Whether SentencePiece rewrites text for this vocabulary beyond what run.c and run.zig do."""
+        return self.sp.normalize(NORMALISATION_PROBE) != ("▁" + NORMALISATION_PROBE).replace(" ", "▁")
+
     def piece_bytes(self, token_id: int) -> bytes:
         """The bytes of one piece as llama2.c's tokenizer.bin stores them."""
         if token_id == self.bos_id:
@@ -66,6 +74,10 @@ class Tokenizer:
         pieces = [self.piece_bytes(i) for i in range(self.n_words)]
         scores = [self.sp.get_score(i) for i in range(self.n_words)]
         modelbin.write_tokenizer(out_path, pieces, scores)
+        if self.normalises():  # e.g. a vocabulary trained with SentencePiece's default settings
+            print(f"warning: {self.model_path} normalises text and run.c and run.zig do not, so prompts with runs "
+                  "of spaces, leading or trailing spaces or characters NFKC changes can encode differently there "
+                  "than in Python (see docs/formats.md)", file=sys.stderr)
         return out_path
 
 

@@ -40,8 +40,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # modelbin, when run as a script
 
@@ -105,27 +103,12 @@ def cached_model(shape: str, version: int) -> Path:
     return path
 
 
-def synthetic_vocab(vocab_size: int, seed: int = 0) -> tuple[list[bytes], list[float]]:
-    """(pieces, scores) of a made-up vocabulary: <unk>, BOS, EOS, 256 byte pieces, then random words."""
-    rng = np.random.default_rng(seed)
-    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % i for i in range(256)]
-    letters = b"abcdefghijklmnopqrstuvwxyz "
-    seen = set(pieces)
-    while len(pieces) < vocab_size:
-        w = bytes(letters[i] for i in rng.integers(0, len(letters), rng.integers(1, 6)))
-        if w not in seen:
-            seen.add(w)
-            pieces.append(w)
-    pieces = pieces[:vocab_size]
-    return pieces, [-float(i) for i in range(len(pieces))]
-
-
 def cached_tokenizer(vocab_size: int) -> Path:
     """bench_cache/tok{vocab_size}.bin, a synthetic tokenizer.bin, written on first use."""
     path = CACHE / f"tok{vocab_size}.bin"
     if not path.exists():
         CACHE.mkdir(exist_ok=True)
-        modelbin.write_tokenizer(path, *synthetic_vocab(vocab_size))
+        modelbin.write_tokenizer(path, *modelbin.random_vocab(vocab_size))
     return path
 
 

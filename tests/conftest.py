@@ -73,3 +73,15 @@ def trained_model(synthetic_data, tmp_path_factory) -> Path:
         assert result["loss"] < 1.0, result["loss"]
 
     return made_once(tmp_path_factory, "trained", make) / "model.bin"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: torch's thread start-up would dominate, and a busy machine
+    makes it far worse. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,10 +15,11 @@ int main(int argc, char **argv) {
     int V = t->c.vocab_size;
     double *fw = malloc(steps * sizeof(double)), *so = malloc(steps * sizeof(double));
     double *sn = malloc(steps * sizeof(double));
-    float *b1 = malloc(V * 4), *b2 = malloc(V * 4), *tmp = malloc(V * 4);
+    float *b1 = malloc(V * 4), *b2 = malloc(V * 4);
     for (int i = 0; i < steps; i++) fw[i] = so[i] = sn[i] = 1e30;
     for (int r = 0; r < reps; r++) {
-        Sampler off = {V, 1.0f, 1.0f, seed_state(1), tmp}, on = {V, 1.0f, (float)atof(argv[4]), seed_state(1), tmp};
+        Sampler off, on;
+        if (init_sampler(&off, V, 1.0f, 1.0f, 1) < 0 || init_sampler(&on, V, 1.0f, (float)atof(argv[4]), 1) < 0) return 1;
         int token = BOS;
         for (int pos = 0; pos < steps; pos++) {
             double t0 = now_s();
@@ -35,6 +36,8 @@ int main(int argc, char **argv) {
             if (t3 - t2 < so[pos]) so[pos] = t3 - t2;
             if (t4 - t3 < sn[pos]) sn[pos] = t4 - t3;
         }
+        free_sampler(&off);
+        free_sampler(&on);
     }
     double F = 0, O = 0, N = 0;
     for (int i = 1; i < steps; i++) { F += fw[i]; O += so[i]; N += sn[i]; }

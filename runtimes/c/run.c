@@ -9,6 +9,7 @@
  *
  * Build with -DRUN_LIBRARY to drop main() (librun.so, used by runtime.py). */
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <float.h>
@@ -1480,8 +1481,9 @@ static int encode(Tokenizer *t, const char *text, size_t len, int bos, int eos, 
 }
 
 /* The bytes `token` stands for when it follows `prev` (prev < 0: start of
- * output). After BOS and at the start a leading space is dropped, so output
- * never begins with the dummy-prefix space. BOS/EOS decode to nothing. */
+ * output), as text: for the library (runtime.py), which returns text and so keeps every
+ * byte. After BOS and at the start a leading space is dropped, so text never begins with
+ * the dummy-prefix space. BOS/EOS decode to nothing. (The CLI prints with print_token.) */
 static const char *decode(const Tokenizer *t, int prev, int token, int *len, char byte_buf[2]) {
     *len = 0;
     if (token < 0 || token >= t->vocab_size || token == BOS || token == EOS) return "";
@@ -1497,23 +1499,40 @@ static const char *decode(const Tokenizer *t, int prev, int token, int *len, cha
     return p;
 }
 
-/* Print a piece; lone control bytes (other than whitespace) are skipped so
- * the terminal never gets garbage. Bytes >= 0x80 pass: they form UTF-8. */
-static void print_piece(const char *p, int len) {
-    if (len == 1) {
-        unsigned char ch = (unsigned char)p[0];
-        if ((ch < 0x20 && ch != '\n' && ch != '\t' && ch != '\r') || ch == 0x7f) return;
+/* Print `token`, which follows `prev`, as llama2.c's run.c does (its decode and safe_printf),
+ * so that the output is byte for byte llama2.c's: the piece as a C string, without its
+ * leading space right after BOS; a piece that sscanf reads as "<0x%02hhX>" stands for that
+ * one byte; a piece of one byte is printed only if it is printable or whitespace in the C
+ * locale, so control bytes and lone bytes >= 0x80 (UTF-8 spelt out as byte pieces) are
+ * dropped. BOS and EOS print their pieces like any other token. */
+static void print_token(const Tokenizer *t, int prev, int token) {
+    if (token < 0 || token >= t->vocab_size) return;
+    const char *piece = t->pieces[token];
+    if (prev == BOS && piece[0] == ' ') piece++;
+    unsigned char byte;
+    char one[2] = {0, 0};
+    if (sscanf(piece, "<0x%02hhX>", &byte) == 1) {
+        one[0] = (char)byte;
+        piece = one;
     }
-    fwrite(p, 1, len, stdout);
+    if (!piece[0]) return;
+    if (!piece[1] && !isprint((unsigned char)piece[0]) && !isspace((unsigned char)piece[0])) return;
+    fputs(piece, stdout);
 }
 
 /* ------------------------------------------------------------------ sampler */
 
+/* llama2.c's sampler, draw for draw: the same xorshift stream from the same seed, the same
+ * probabilities (at -O3, bit for bit), and the same walks over them, so the same flags give
+ * the same tokens. Only the way to top-p's candidates differs: a selection instead of a sort
+ * of the whole vocabulary. */
+
 typedef struct {
     int vocab_size;
     float temperature, topp;
-    uint64_t rng;
-    float *tmp; /* vocab_size floats, for top-p */
+    uint64_t rng;     /* the xorshift state; it starts as the seed itself, as in llama2.c */
+    float *tmp;       /* vocab_size floats: topp_threshold's scratch */
+    float *cand;      /* 2 * vocab_size: top-p's candidates, and the sort's second buffer */
 } Sampler;
 
 /* The sampler's settings, the same rules for the CLI and the library, judged on the bits
@@ -1531,7 +1550,7 @@ static int topp_ok(float p) {
     return u << 1 == 0 || (u >= f2u(1e-6f) && u <= f2u(1.0f));
 }
 
-static uint32_t rng_u32(uint64_t *s) { /* xorshift64* */
+static uint32_t rng_u32(uint64_t *s) { /* xorshift64*; a state of 0 would stay 0 */
     *s ^= *s >> 12;
     *s ^= *s << 25;
     *s ^= *s >> 27;
@@ -1539,12 +1558,21 @@ static uint32_t rng_u32(uint64_t *s) { /* xorshift64* */
 }
 static float rng_f32(uint64_t *s) { return (rng_u32(s) >> 8) / 16777216.0f; } /* [0, 1) */
 
-static uint64_t seed_state(uint64_t seed) { /* xorshift must not start at 0 */
-    uint64_t z = seed + 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return z ? z : 0x2545F4914F6CDD1Dull;
+static void free_sampler(Sampler *sp) {
+    free(sp->tmp);
+    free(sp->cand);
+    sp->tmp = NULL;
+    sp->cand = NULL;
+}
+
+/* -1 with a message when out of memory. */
+static int init_sampler(Sampler *sp, int vocab_size, float temperature, float topp, uint64_t seed) {
+    *sp = (Sampler){vocab_size, temperature, topp, seed, malloc((size_t)vocab_size * sizeof(float)),
+                    malloc(2 * (size_t)vocab_size * sizeof(float))};
+    if (sp->tmp && sp->cand) return 0;
+    free_sampler(sp);
+    set_err("out of memory");
+    return -1;
 }
 
 static int argmax(const float *p, int n) {
@@ -1554,34 +1582,39 @@ static int argmax(const float *p, int n) {
     return best;
 }
 
-/* Sum of p[i] >= th over [0, n); vectorises. */
-static float mass_at_least(const float *p, int n, float th) {
+/* softmax in place as llama2.c computes it: the max, then expf(x - max) summed in order,
+ * then a division by the sum; at -O3 these are llama2.c's probabilities bit for bit. (The
+ * attention's softmax multiplies by 1 / sum instead.) Under -ffast-math, as in llama2.c's own
+ * -Ofast builds, the compiler vectorises the sum; there the exponent is also clamped above
+ * expf's underflow, where the vectorised expf falls back to scalar code (flat, wide logits of
+ * random weights: 5x slower): the tokens it touches add nothing to the sum and are far below
+ * any top-p candidate. */
+static void sampler_softmax(float *x, int n) {
+    float mx = x[0];
+    for (int i = 1; i < n; i++)
+        if (x[i] > mx) mx = x[i];
     float sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += p[i] >= th ? p[i] : 0.0f;
-    return sum;
+    for (int i = 0; i < n; i++) {
+#ifdef __FAST_MATH__
+        x[i] = expf(fmaxf(x[i] - mx, -87.0f));
+#else
+        x[i] = expf(x[i] - mx);
+#endif
+        sum += x[i];
+    }
+    for (int i = 0; i < n; i++) x[i] /= sum;
 }
 
-/* Pick index i with probability p[i]/mass among p[i] >= th, by coin in [0,1).
- * Blocks of 16 are summed (vectorised) until the block holding the target. */
-static int sample_from(const float *p, int n, float th, float mass, float coin) {
-    float r = coin * mass, cum = 0.0f;
-    int last = -1, i = 0;
-    for (; i + 16 <= n; i += 16) {
-        float bs = 0.0f;
-        for (int k = 0; k < 16; k++) bs += p[i + k] >= th ? p[i + k] : 0.0f;
-        if (cum + bs > r) break;
-        cum += bs;
+/* llama2.c's sample_mult: the first index where the running sum of p passes coin. Float
+ * additions round, so the order of the sum is part of the answer: one by one, in index
+ * order (the compiler cannot reorder a sum that is tested at every step). */
+static int sample_mult(const float *p, int n, float coin) {
+    float cdf = 0.0f;
+    for (int i = 0; i < n; i++) {
+        cdf += p[i];
+        if (coin < cdf) return i;
     }
-    for (; i < n; i++)
-        if (p[i] >= th) {
-            cum += p[i];
-            last = i;
-            if (r < cum) return i;
-        }
-    if (last < 0) /* rounding left us past the end: take the last candidate */
-        for (int k = n - 1; k >= 0; k--)
-            if (p[k] >= th) return k;
-    return last >= 0 ? last : argmax(p, n);
+    return n - 1; /* rounding left the whole sum at or below coin */
 }
 
 #ifdef HAVE_AVX2
@@ -1669,6 +1702,133 @@ static float topp_threshold(const float *p, int n, float topp, float *buf) {
     }
 }
 
+/* Whether any of p[i], i in [0, 16), is >= x: one vector test where there are vectors. */
+static inline int any_at_least(const float *p, float x) {
+#if defined(HAVE_AVX2)
+    const __m256 v = _mm256_set1_ps(x);
+    return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), v, _CMP_GE_OQ),
+                                           _mm256_cmp_ps(_mm256_loadu_ps(p + 8), v, _CMP_GE_OQ)));
+#else
+    int any = 0;
+    for (int k = 0; k < 16; k++) any |= p[k] >= x;
+    return any;
+#endif
+}
+
+/* The index of the t-th (from 0) of the p[i] equal to x, in index order; -1 if none. Blocks
+ * of 16 with nothing as large as x are passed over: most of the vocabulary, as x is in the
+ * nucleus. */
+static int nth_equal(const float *p, int n, float x, int t) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        if (any_at_least(p + i, x))
+            for (int k = i; k < i + 16; k++)
+                if (p[k] == x && t-- == 0) return k;
+    for (; i < n; i++)
+        if (p[i] == x && t-- == 0) return i;
+    return -1;
+}
+
+/* Sort the m probabilities in a, largest first; b has room for m more. Returns a or b,
+ * whichever holds the result. A radix sort on how far each value's bits lie below the
+ * largest's (a positive float's bits order as its values): at most three passes of at most
+ * 11 bits, as many as that distance needs, of equal width so that no digit is left with
+ * few values (runs of one digit make each count wait for the last). Insertion sort for a
+ * few. Only values: which of equal probabilities came first is found afterwards. */
+static float *sort_descending(float *a, float *b, int m) {
+    if (m <= 32) {
+        for (int i = 1; i < m; i++) {
+            const float x = a[i];
+            int j = i;
+            for (; j > 0 && a[j - 1] < x; j--) a[j] = a[j - 1];
+            a[j] = x;
+        }
+        return a;
+    }
+    uint32_t top = f2u(a[0]), bottom = top;
+    for (int i = 1; i < m; i++) {
+        const uint32_t u = f2u(a[i]);
+        top = u > top ? u : top;
+        bottom = u < bottom ? u : bottom;
+    }
+    if (top == bottom) return a;
+    const int bits = 32 - __builtin_clz(top - bottom), passes = (bits + 10) / 11, w = (bits + passes - 1) / passes;
+    const uint32_t mask = (1u << w) - 1;
+    uint32_t count[3][2048] = {{0}};
+    for (int i = 0; i < m; i++) {
+        const uint32_t k = top - f2u(a[i]);
+        count[0][k & mask]++;
+        count[1][k >> w & mask]++;
+        count[2][k >> 2 * w & mask]++;
+    }
+    for (int d = 0; d < passes; d++) {
+        uint32_t *c = count[d];
+        for (uint32_t v = 0, at = 0; v <= mask; v++) {
+            const uint32_t here = c[v];
+            c[v] = at;
+            at += here;
+        }
+        for (int i = 0; i < m; i++) b[c[(top - f2u(a[i])) >> w * d & mask]++] = a[i];
+        float *t = a;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+/* How much wider than topp the first try's set of candidates is: room for the rounding of the
+ * two ways to sum the nucleus (the selection's and llama2.c's). */
+#define TOPP_MARGIN 0x1p-12f
+
+/* llama2.c's sample_topp. It keeps the tokens with p >= (1 - topp) / (n - 1), sorts them by
+ * probability (largest first; ties in index order, as its qsort, glibc's stable merge sort,
+ * leaves them), sums them in that order until the sum passes topp (the nucleus ends there, or
+ * at the last candidate), then picks by coin * that sum, summing in the same order again.
+ * Only the nucleus's order matters, so instead of sorting every candidate: select the tokens
+ * above a threshold that holds a little more than topp (topp_threshold), sort just their
+ * probabilities and walk them. They are the first of llama2.c's sorted candidates, so if the
+ * sum passes topp within them, the walk is llama2.c's; if not (rounding ate the margin), walk
+ * all the candidates. The token picked is the k-th of those with the probability picked, for
+ * the k found in the sorted list. Where no token reaches the cutoff (near-uniform p and topp
+ * below 1 / n; llama2.c then reads before its array), the answer is the most likely token. */
+static int sample_topp(Sampler *sp, const float *p, int n, float coin) {
+    const float topp = sp->topp;
+    if (n < 2) return 0;
+    const float cutoff = (1.0f - topp) / (float)(n - 1);
+    float lo = topp + TOPP_MARGIN < 1.0f ? topp_threshold(p, n, topp + TOPP_MARGIN, sp->tmp) : 0.0f;
+    for (;;) {
+        const int all = lo <= cutoff; /* then these are all of llama2.c's candidates */
+        if (all) lo = cutoff;
+        const int m = compact(sp->cand, p, n, u2f(f2u(lo) - 1), 1); /* p > the float below lo */
+        const float *c = sort_descending(sp->cand, sp->cand + n, m);
+        float cum = 0.0f;
+        int last = -1;
+        for (int i = 0; i < m; i++) {
+            cum += c[i];
+            if (cum > topp) { last = i; break; }
+        }
+        if (last < 0 && !all) { lo = 0.0f; continue; }
+        if (m == 0) return argmax(p, n);
+        if (last < 0) last = m - 1;
+        const float r = coin * cum;
+        float cdf = 0.0f;
+        int at = last; /* rounding: the last of the nucleus */
+        for (int i = 0; i < last; i++) {
+            cdf += c[i];
+            if (r < cdf) { at = i; break; }
+        }
+        int k = 0; /* how many equal probabilities come before */
+        while (at - k > 0 && c[at - k - 1] == c[at]) k++;
+        return nth_equal(p, n, c[at], k);
+    }
+}
+
+/* A token from probabilities p (sp->vocab_size of them) and a coin in [0, 1). */
+static int draw(Sampler *sp, const float *p, float coin) {
+    if (sp->topp <= 0.0f || sp->topp >= 1.0f) return sample_mult(p, sp->vocab_size, coin);
+    return sample_topp(sp, p, sp->vocab_size, coin);
+}
+
 /* The next token from these (finite) logits, which it overwrites; -1 with a message when
  * dividing them by the temperature overflows. */
 static int sample(Sampler *sp, float *logits) {
@@ -1679,45 +1839,64 @@ static int sample(Sampler *sp, float *logits) {
         set_err("temperature too low: the logits divided by it are not finite (NaN or infinity)");
         return -1;
     }
-    softmax(logits, n);
-    float coin = rng_f32(&sp->rng);
-    if (sp->topp <= 0.0f || sp->topp >= 1.0f) return sample_from(logits, n, 0.0f, 1.0f, coin);
-    float th = topp_threshold(logits, n, sp->topp, sp->tmp);
-    return sample_from(logits, n, th, mass_at_least(logits, n, th), coin);
+    sampler_softmax(logits, n);
+    return draw(sp, logits, rng_f32(&sp->rng));
 }
 
 /* ------------------------------------------------------------------ generation loop */
 
 #define STOP_AT_BOS 1
 
+/* The context shift, when all seq_len positions hold win's tokens: keep the
+ * first `keep`, drop the older half of the rest (rounded up, so at least one
+ * goes), and run the tokens after the kept ones again at their new positions.
+ * (The kept tokens' keys and values stay: they see only each other.) Running
+ * them again gives the bits of a fresh run over the shortened context, which
+ * moving the cached keys to new angles would not. Returns the next free
+ * position, or -1. */
+static int shift_context(Transformer *t, int *win, int keep) {
+    const int S = t->c.seq_len, drop = (S - keep + 1) / 2;
+    memmove(win + keep, win + keep + drop, (size_t)(S - keep - drop) * sizeof(int));
+    for (int p = keep; p < S - drop; p++)
+        if (!forward(t, win[p], p)) return -1;
+    return S - drop;
+}
+
 /* llama2.c's loop: feed the prompt, then sample; at most `steps` forward
- * passes. Writes the whole sequence (prompt, then generated ids) into out
- * (capacity steps + 1) and returns its length, or -1. If tok is given, the
- * text is streamed to stdout as it is produced. */
-static int generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt, int np, int steps,
+ * passes (not counting shift_context's). keep 0 keeps llama2.c's limit,
+ * steps <= seq_len; keep > 0 shifts the context when it is full, so steps
+ * may pass seq_len. Writes the whole sequence (prompt, then generated ids)
+ * into out if given (capacity steps + 1) and returns its length, or -1. If
+ * tok is given, the text is streamed to stdout as it is produced. */
+static int generate(Transformer *t, Tokenizer *tok, Sampler *sp, const int *prompt, int np, int steps, int keep,
                     int flags, int *out, double *tok_per_s) {
     if (np < 1) { set_err("generate: the prompt needs at least one token (BOS)"); return -1; }
-    int token = prompt[0], pos = 0, n = 1;
-    out[0] = token;
+    int *win = keep ? malloc((size_t)t->c.seq_len * sizeof(int)) : NULL; /* the tokens at positions 0..at-1 */
+    if (keep && !win) { set_err("out of memory"); return -1; }
+    int token = prompt[0], pos = 0, n = 1, at = 0; /* pos: forward passes done; at: the next position */
+    if (out) out[0] = token;
     double start = 0.0;
-    char bb[2];
     while (pos < steps) {
-        float *logits = forward(t, token, pos);
-        if (!logits) return -1;
+        if (keep && at == t->c.seq_len && (at = shift_context(t, win, keep)) < 0) break;
+        float *logits = forward(t, token, at);
+        if (!logits) { at = -1; break; }
+        if (win) win[at] = token;
+        at++;
         int next = pos + 1 < np ? prompt[pos + 1] : sample(sp, logits);
-        if (next < 0) return -1;
+        if (next < 0) { at = -1; break; }
         pos++;
         if (next == BOS && pos >= np && (flags & STOP_AT_BOS)) break;
         if (tok) {
-            int len;
-            const char *p = decode(tok, token, next, &len, bb);
-            print_piece(p, len);
+            print_token(tok, token, next);
             fflush(stdout);
         }
-        out[n++] = next;
+        if (out) out[n] = next;
+        n++;
         token = next;
         if (pos == 1) start = now_s(); /* time from the second token, as llama2.c */
     }
+    free(win);
+    if (at < 0) return -1;
     if (tok_per_s) *tok_per_s = pos > 1 ? (pos - 1) / (now_s() - start) : 0.0;
     return n;
 }
@@ -1737,23 +1916,40 @@ void rt_info(const Transformer *t, int *out) {
 
 float *rt_forward(Transformer *t, int token, int pos) { return forward(t, token, pos); }
 
-int rt_generate(Transformer *t, const int *prompt, int np, int steps, float temperature, float topp,
+/* The library's seed is the xorshift state, as the CLI's -s, except 0: llama2.c reads it as
+ * "use the clock", which would make the library's ids change from run to run, and as a state
+ * it would give coin 0 for ever; here it is this fixed state. */
+#define SEED_ZERO_STATE 0x9E3779B97F4A7C15ull
+
+int rt_generate(Transformer *t, const int *prompt, int np, int steps, int keep, float temperature, float topp,
                 unsigned long long seed, int flags, int *out) {
-    if (steps < 1 || steps > t->c.seq_len) { set_err("steps %d out of range 1..%d", steps, t->c.seq_len); return -1; }
+    if (keep < 0 || keep >= t->c.seq_len) { set_err("keep %d out of range 0..%d", keep, t->c.seq_len - 1); return -1; }
+    const int most = keep ? INT_MAX - 1 : t->c.seq_len;
+    if (steps < 1 || steps > most) { set_err("steps %d out of range 1..%d", steps, most); return -1; }
     if (!temperature_ok(temperature)) { set_err(TEMPERATURE_RULE ", got %g", temperature); return -1; }
     if (!topp_ok(topp)) { set_err(TOPP_RULE ", got %g", topp); return -1; }
     for (int i = 0; i < np; i++)
         if (prompt[i] < 0 || prompt[i] >= t->c.vocab_size) { set_err("prompt id %d out of range", prompt[i]); return -1; }
-    Sampler sp = {t->c.vocab_size, temperature, topp, seed_state(seed), malloc(t->c.vocab_size * sizeof(float))};
-    if (!sp.tmp) { set_err("out of memory"); return -1; }
-    int n = generate(t, NULL, &sp, prompt, np, steps, flags, out, NULL);
-    free(sp.tmp);
+    Sampler sp;
+    if (init_sampler(&sp, t->c.vocab_size, temperature, topp, seed ? seed : SEED_ZERO_STATE) < 0) return -1;
+    int n = generate(t, NULL, &sp, prompt, np, steps, keep, flags, out, NULL);
+    free_sampler(&sp);
     return n;
 }
 
 /* The KV cache's fp16 conversions over arrays (for tests) */
 void rt_to_f16(const float *x, uint16_t *out, long n) { for (long i = 0; i < n; i++) out[i] = to_f16(x[i]); }
 void rt_from_f16(const uint16_t *h, float *out, long n) { for (long i = 0; i < n; i++) out[i] = from_f16(h[i]); }
+
+/* The token the sampler draws from probabilities p with this coin in [0, 1) (for tests):
+ * llama2.c's sample_mult when topp is 0 or 1, else its sample_topp; -1 when out of memory. */
+int rt_sample_probs(const float *p, int n, float topp, float coin) {
+    Sampler sp;
+    if (n < 1 || init_sampler(&sp, n, 1.0f, topp, 1) < 0) return -1;
+    int token = draw(&sp, p, coin);
+    free_sampler(&sp);
+    return token;
+}
 
 /* The top-p threshold for probabilities p (for tests): the nucleus is p >= it. */
 float rt_topp_threshold(const float *p, int n, float topp) {
@@ -1795,8 +1991,11 @@ static void usage(FILE *f) {
             "Options:\n"
             "  -t <float>  temperature, 0 (greedy) or 1e-6..1e6, default 1.0\n"
             "  -p <float>  top-p (nucleus), 0 or 1 (off) or 1e-6..1, default 0.9\n"
-            "  -s <int>    random seed in 0..2^64-1, default time(NULL)\n"
+            "  -s <int>    random seed, default time(NULL), 0 = time(NULL)\n"
             "  -n <int>    number of steps to run, default 256, 0 = seq_len\n"
+            "  -k <int>    past seq_len: keep the first k tokens, drop the older half of\n"
+            "              the rest and go on (1..seq_len-1; -n may then pass seq_len),\n"
+            "              default 0 = stop at seq_len\n"
             "  -i <string> input prompt\n"
             "  -z <string> tokenizer path, default tokenizer.bin\n"
             "  -m <string> mode: generate|chat, default generate\n"
@@ -1863,7 +2062,6 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *user0,
     int *ids = malloc((cap + 3) * sizeof(int));
     if (!user || !rendered || !ids) die("out of memory");
     int pos = 0, user_turn = 1, next = 0, token = 0, np = 0, idx = 0, first = 1;
-    char bb[2];
     while (pos < steps) {
         if (user_turn) {
             if (first && user0) snprintf(user, cap, "%s", user0);
@@ -1898,9 +2096,7 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *user0,
         if (next < 0) die(err_msg);
         pos++;
         if (idx >= np && next != EOS) {
-            int len;
-            const char *p = decode(tok, token, next, &len, bb);
-            print_piece(p, len);
+            print_token(tok, token, next);
             fflush(stdout);
         }
         if (next == EOS) { user_turn = 1; printf("\n"); }
@@ -1913,10 +2109,10 @@ static void chat(Transformer *t, Tokenizer *tok, Sampler *sp, const char *user0,
 
 int main(int argc, char **argv) {
     const char *model_path = NULL, *tok_path = "tokenizer.bin", *prompt = NULL, *mode = "generate", *system = NULL;
-    const char *steps_text = NULL; /* -n as given */
+    const char *steps_text = NULL, *keep_text = NULL; /* -n and -k as given */
     float temperature = 1.0f, topp = 0.9f;
     unsigned long long seed = 0;
-    int have_seed = 0, negative, steps_negative = 0;
+    int negative, steps_negative = 0;
     uint64_t magnitude, steps = 256;
     if (argc < 2) { usage(stderr); return 1; }
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) { usage(stdout); return 0; }
@@ -1928,7 +2124,7 @@ int main(int argc, char **argv) {
     for (int i = 2; i < argc; i += 2) {
         const char *f = argv[i];
         if (!strcmp(f, "-h")) { usage(stdout); return 0; }
-        if (f[0] != '-' || strlen(f) != 2 || !strchr("tpsnizmy", f[1])) {
+        if (f[0] != '-' || strlen(f) != 2 || !strchr("tpsnkizmy", f[1])) {
             set_err("unknown flag '%s' (see run -h)", f);
             die(err_msg);
         }
@@ -1949,7 +2145,6 @@ int main(int argc, char **argv) {
                 die(err_msg);
             }
             seed = magnitude;
-            have_seed = 1;
             break;
         case 'n': /* any integer: outside 0..seq_len means seq_len, with a note */
             if (!parse_integer(v, &steps_negative, &steps)) {
@@ -1958,6 +2153,7 @@ int main(int argc, char **argv) {
             }
             steps_text = v;
             break;
+        case 'k': keep_text = v; break; /* checked against seq_len below */
         case 'i': prompt = v; break;
         case 'z': tok_path = v; break;
         case 'm': mode = v; break;
@@ -1968,25 +2164,35 @@ int main(int argc, char **argv) {
         set_err("-m: unknown mode '%s' (generate or chat)", mode);
         die(err_msg);
     }
-    if (!have_seed) seed = (unsigned long long)time(NULL);
+    if (!seed) seed = (unsigned int)time(NULL); /* as llama2.c: no -s, or -s 0, is the clock */
 
     Transformer *t = open_model(model_path);
     if (!t) die(err_msg);
     const int S = t->c.seq_len;
-    if (steps_text && ((steps_negative && steps) || steps > (uint64_t)S)) {
-        fprintf(stderr, "run: note: -n %s is outside 0..%d, using seq_len %d\n", steps_text, S, S);
+    int keep = 0;
+    if (keep_text) {
+        if (parse_integer(keep_text, &negative, &magnitude) != 1 || (negative && magnitude) || magnitude >= (uint64_t)S) {
+            set_err("-k: expected an integer in 0..%d (seq_len - 1), got '%s'", S - 1, keep_text);
+            die(err_msg);
+        }
+        keep = (int)magnitude;
+        if (keep && !strcmp(mode, "chat")) die("-k: the context shift is for -m generate only");
+    }
+    const int most = keep ? INT_MAX - 1 : S; /* with -k, -n may pass seq_len */
+    if (steps_text && ((steps_negative && steps) || steps > (uint64_t)most)) {
+        fprintf(stderr, "run: note: -n %s is outside 0..%d, using seq_len %d\n", steps_text, most, S);
         steps = S;
-    } else if (steps == 0 || steps > (uint64_t)S) steps = S;
+    } else if (steps == 0 || steps > (uint64_t)most) steps = S;
     Tokenizer *tok = open_tokenizer(tok_path, t->c.vocab_size);
     if (!tok) die(err_msg);
-    Sampler sp = {t->c.vocab_size, temperature, topp, seed_state(seed), malloc(t->c.vocab_size * sizeof(float))};
-    if (!sp.tmp) die("out of memory");
+    Sampler sp;
+    if (init_sampler(&sp, t->c.vocab_size, temperature, topp, seed) < 0) die(err_msg);
 
     if (!strcmp(mode, "generate")) {
         const char *text = prompt ? prompt : "";
         size_t len = strlen(text);
-        int *ids = malloc((len + 3) * sizeof(int)), *out = malloc((steps + 1) * sizeof(int));
-        if (!ids || !out) die("out of memory");
+        int *ids = malloc((len + 3) * sizeof(int));
+        if (!ids) die("out of memory");
         int np = encode(tok, text, len, 1, 0, ids, len + 3);
         if (np < 0) die(err_msg);
         if (np > S) {
@@ -1994,16 +2200,15 @@ int main(int argc, char **argv) {
             die(err_msg);
         }
         double tps = 0.0;
-        if (generate(t, tok, &sp, ids, np, (int)steps, STOP_AT_BOS, out, &tps) < 0) die(err_msg);
+        if (generate(t, tok, &sp, ids, np, (int)steps, keep, STOP_AT_BOS, NULL, &tps) < 0) die(err_msg);
         printf("\n");
         fflush(stdout);
-        fprintf(stderr, "achieved tok/s: %f\n", tps);
+        if (tps > 0.0) fprintf(stderr, "achieved tok/s: %f\n", tps); /* 0: under two tokens timed, as llama2.c */
         free(ids);
-        free(out);
     } else {
         chat(t, tok, &sp, prompt, system, (int)steps);
     }
-    free(sp.tmp);
+    free_sampler(&sp);
     free_tokenizer(tok);
     close_model(t);
     return 0;

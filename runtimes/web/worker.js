@@ -87,11 +87,16 @@ async function load({ model, tok, threads: wanted }) {
 
 const tick = () => new Promise((r) => setTimeout(r, 0));
 
+// A seed of 0 means the clock's seconds, as llama2.c's -s 0 (the sampler's
+// xorshift would stay at 0); any other seed is used as it is.
+const seedOrClock = (seed) => (/^[+-]?0+$/.test(seed) ? String(Math.floor(Date.now() / 1000)) : seed);
+
 // settings: the text of the temperature, top-p, seed and steps fields
 async function generate({ prompt, settings }) {
   if (!wasm) throw new Error("load a model first");
   const text = encoder.encode(prompt);
-  const fields = encoder.encode(settings.join("\n"));
+  const [temperature, topp, seed, steps] = settings;
+  const fields = encoder.encode([temperature, topp, seedOrClock(seed), steps].join("\n"));
   const pp = wasm.alloc(text.length);
   const sp = wasm.alloc(fields.length);
   if (!pp || !sp) throw new Error("out of memory for the prompt");

@@ -1646,14 +1646,16 @@ pub const Tokenizer = struct {
         return ids.toOwnedSlice(gpa);
     }
 
-    /// The bytes `token` stands for after `prev` (null: start of output).
-    /// At the start and after BOS a leading space is dropped; BOS and EOS
-    /// decode to nothing; "<0xNN>" pieces are the byte NN.
+    /// The bytes `token` stands for after `prev` (null: start of output), as
+    /// llama2.c's decode has them (print them if `printable`): the piece as a
+    /// C string (up to any NUL byte), without its leading space at the start
+    /// and after BOS; a piece that C's sscanf reads as "<0x%02hhX>" is that
+    /// one byte. BOS and EOS are their pieces, as any token.
     pub fn decode(t: *const Tokenizer, prev: ?u32, token: u32) []const u8 {
-        if (token >= t.vocabSize() or token == bos or token == eos) return "";
-        if (t.byte_of[token]) |b| return byte_strings[b .. @as(usize, b) + 1];
-        const p = t.pieces[token];
-        if ((prev == null or prev == bos) and p.len > 0 and p[0] == ' ') return p[1..];
+        if (token >= t.vocabSize()) return "";
+        var p = cString(t.pieces[token]);
+        if ((prev == null or prev == bos) and p.len > 0 and p[0] == ' ') p = p[1..];
+        if (scanBytePiece(p)) |b| p = cString(byte_strings[b .. @as(usize, b) + 1]);
         return p;
     }
 };
@@ -1673,28 +1675,73 @@ fn utf8Length(s: []const u8) usize {
     return n;
 }
 
-/// Whether a piece is fit for a terminal: lone control bytes (other than
-/// whitespace) are not; bytes >= 0x80 are (they form UTF-8).
+fn cString(s: []const u8) []const u8 {
+    return s[0 .. std.mem.indexOfScalar(u8, s, 0) orelse s.len];
+}
+
+/// The byte that C's sscanf(p, "<0x%02hhX>", &byte) reads, if it reads one:
+/// after "<0x" and any whitespace, at most two characters of a hexadecimal
+/// number, which may have a sign, and "0x" (read as 0); the ">" is not checked.
+fn scanBytePiece(p: []const u8) ?u8 {
+    if (!std.mem.startsWith(u8, p, "<0x")) return null;
+    var i: usize = 3;
+    while (i < p.len and isCSpace(p[i])) i += 1;
+    var width: usize = 2;
+    const negative = i < p.len and p[i] == '-';
+    if (i < p.len and (p[i] == '+' or p[i] == '-')) {
+        i += 1;
+        width -= 1;
+    }
+    if (width == 2 and i + 1 < p.len and p[i] == '0' and (p[i + 1] | 0x20) == 'x') return 0;
+    var digits: usize = 0;
+    var value: u8 = 0;
+    while (digits < width and i + digits < p.len) : (digits += 1)
+        value = value * 16 + (std.fmt.charToDigit(p[i + digits], 16) catch break);
+    if (digits == 0) return null;
+    return if (negative) 0 -% value else value;
+}
+
+/// isspace in the C locale
+fn isCSpace(c: u8) bool {
+    return c == ' ' or (c >= '\t' and c <= '\r');
+}
+
+/// Whether llama2.c's safe_printf prints a piece: not an empty one, and one
+/// of one byte only if it is printable or whitespace in the C locale (so not
+/// control bytes, nor lone bytes >= 0x80: UTF-8 spelt out in byte pieces).
 pub fn printable(piece: []const u8) bool {
-    if (piece.len != 1) return true;
+    if (piece.len != 1) return piece.len > 0;
     const c = piece[0];
-    return !((c < 0x20 and c != '\n' and c != '\t' and c != '\r') or c == 0x7f);
+    return (c >= ' ' and c <= '~') or isCSpace(c);
 }
 
 // ------------------------------------------------------------------ sampler
 
+/// llama2.c's sampler, to the bit: the same xorshift64* stream from the seed
+/// as given, the same probabilities (its softmax, with the C library's expf),
+/// and the same walks over them, so that a seed picks llama2.c's tokens.
 pub const Sampler = struct {
     temperature: f32,
     topp: f32,
     rng: u64,
-    buf: []f32, // vocab_size floats, for top-p
+    buf: []f32, // vocab_size floats, for top-p's threshold
+    keys: []u64, // 2 × vocab_size, top-p's candidates (see candidateKey) and sortKeys' room
 
+    /// seed: xorshift64*'s first state, as llama2.c's -s. The command line
+    /// and the page take 0 to mean the clock, as llama2.c does; given 0 here
+    /// (from which xorshift would stay at 0) it starts from run.c's library's
+    /// fixed state.
     pub fn init(gpa: Allocator, vocab_size: usize, temperature: f32, topp: f32, seed: u64) Allocator.Error!Sampler {
-        return .{ .temperature = temperature, .topp = topp, .rng = seedState(seed), .buf = try gpa.alloc(f32, vocab_size) };
+        const buf = try gpa.alloc(f32, vocab_size);
+        errdefer gpa.free(buf);
+        const keys = try gpa.alloc(u64, 2 * vocab_size);
+        const rng = if (seed != 0) seed else 0x9E3779B97F4A7C15;
+        return .{ .temperature = temperature, .topp = topp, .rng = rng, .buf = buf, .keys = keys };
     }
 
     pub fn deinit(s: *Sampler, gpa: Allocator) void {
         gpa.free(s.buf);
+        gpa.free(s.keys);
     }
 
     /// xorshift64*
@@ -1710,15 +1757,6 @@ pub const Sampler = struct {
         return @as(f32, @floatFromInt(s.nextU32() >> 8)) / 16777216.0;
     }
 
-    /// splitmix64 of the seed; xorshift must not start at 0.
-    fn seedState(seed: u64) u64 {
-        var z = seed +% 0x9E3779B97F4A7C15;
-        z = (z ^ (z >> 30)) *% 0xBF58476D1CE4E5B9;
-        z = (z ^ (z >> 27)) *% 0x94D049BB133111EB;
-        z ^= z >> 31;
-        return if (z != 0) z else 0x2545F4914F6CDD1D;
-    }
-
     /// The next token from these (finite) logits, which it overwrites; an
     /// error when dividing them by the temperature overflows.
     pub fn sample(s: *Sampler, logits: []f32, diag: *Diagnostic) Error!u32 {
@@ -1726,11 +1764,10 @@ pub const Sampler = struct {
         for (logits) |*l| l.* /= s.temperature;
         if (firstNonFinite(logits) != null)
             return diag.fail(error.BadInput, "temperature too low: the logits divided by it are not finite (NaN or infinity)", .{});
-        softmax(logits);
+        probabilities(logits);
         const coin = s.nextF32();
-        if (s.topp <= 0 or s.topp >= 1) return sampleFrom(logits, 0, 1, coin);
-        const th = toppThreshold(logits, s.topp, s.buf);
-        return sampleFrom(logits, th, massFrom(logits, th, false), coin);
+        if (s.topp <= 0 or s.topp >= 1) return sampleMult(logits, coin);
+        return sampleTopp(logits, s.topp, coin, s.buf, s.keys);
     }
 };
 
@@ -1747,6 +1784,216 @@ fn argmax(p: []const f32) u32 {
     while (i < vecs and !@reduce(.Or, load(p, i) == @as(F32s, @splat(best)))) i += f32_lanes;
     while (i < p.len and p[i] != best) i += 1;
     return if (i < p.len) @intCast(i) else 0; // all NaN
+}
+
+/// Softmax for sampling, as llama2.c's (and run.c's) to the bit: the largest
+/// value, e^(x - max) as the C library's expf with the sum taken in index
+/// order, then each divided by the sum. (Attention keeps `softmax`: faster,
+/// and no sampling order depends on its last bits.)
+fn probabilities(x: []f32) void {
+    var i: usize = 0;
+    var vmax: F32s = @splat(-std.math.inf(f32));
+    while (i + f32_lanes <= x.len) : (i += f32_lanes) vmax = maxVec(vmax, load(x, i));
+    var max = maxLane(vmax);
+    for (x[i..]) |v| max = @max(max, v);
+    const H = @Vector(f64_lanes, f32);
+    var sum: f32 = 0;
+    i = 0;
+    while (i + f64_lanes <= x.len) : (i += f64_lanes) {
+        const e = expLibc(f64_lanes, @as(H, x[i..][0..f64_lanes].*) - @as(H, @splat(max)));
+        x[i..][0..f64_lanes].* = e;
+        inline for (0..f64_lanes) |k| sum += e[k];
+    }
+    for (x[i..]) |*v| {
+        v.* = expLibc(1, @splat(v.* - max))[0];
+        sum += v.*;
+    }
+    const d: F32s = @splat(sum);
+    i = 0;
+    while (i + f32_lanes <= x.len) : (i += f32_lanes) x[i..][0..f32_lanes].* = load(x, i) / d;
+    for (x[i..]) |*v| v.* /= sum;
+}
+
+const f64_lanes = std.simd.suggestVectorLength(f64) orelse 2;
+
+/// glibc fuses expf's multiply-adds where the CPU has FMA and AVX2.
+const libc_fma = switch (builtin.cpu.arch) {
+    .x86_64 => std.Target.x86.featureSetHas(builtin.cpu.features, .fma) and
+        std.Target.x86.featureSetHas(builtin.cpu.features, .avx2),
+    .aarch64 => true,
+    else => false,
+};
+
+inline fn mulAddF64(comptime n: usize, a: @Vector(n, f64), b: @Vector(n, f64), c: @Vector(n, f64)) @Vector(n, f64) {
+    return if (libc_fma) @mulAdd(@Vector(n, f64), a, b, c) else a * b + c;
+}
+
+/// e^x for x <= 0 with the bits of glibc's expf (Linux's C library), so that
+/// the probabilities are run.c's: in double, x·32/ln 2 = k + r with k rounded
+/// to an integer by adding 1.5·2^52, and e^x = 2^(k/32) · 2^(r/32): the first
+/// from a table of 2^(i/32) for i = k mod 32 with k div 32 added to its
+/// exponent, the second a cubic in r. Fused multiply-adds as glibc's where it
+/// fuses; unfused (WebAssembly) it has glibc's unfused bits, which differ from
+/// the fused ones at one float in [-104, 0] (e^-63.1, about 4e-28). Below -104
+/// the result is 0, as glibc's.
+fn expLibc(comptime n: usize, x: @Vector(n, f32)) @Vector(n, f32) {
+    const V = @Vector(n, f64);
+    const U = @Vector(n, u64);
+    const low: @Vector(n, f32) = @splat(-104.0);
+    const xd: V = @floatCast(@select(f32, x < low, low, x));
+    const shift: V = @splat(0x1.8p52);
+    const scale: V = @splat(0x1.71547652b82fep+5); // 32 / ln 2
+    var kd = mulAddF64(n, scale, xd, shift);
+    const ki: U = @bitCast(kd); // k in the low bits
+    kd -= shift;
+    const r = mulAddF64(n, scale, xd, -kd);
+    var t: U = undefined;
+    inline for (0..n) |j| t[j] = exp2_table[@intCast(ki[j] % 32)];
+    const s: V = @bitCast(t +% (ki << @splat(47)));
+    const z = mulAddF64(n, r, @splat(0x1.c6af84b912394p-20), @splat(0x1.ebfce50fac4f3p-13));
+    var y = mulAddF64(n, r, @splat(0x1.62e42ff0c52d6p-6), @splat(1.0));
+    y = mulAddF64(n, z, r * r, y);
+    return @floatCast(y * s);
+}
+
+/// The bits of 2^(i/32) rounded to the nearest double, less i << 47 (so that
+/// adding k << 47 for k = 32q + i gives 2^(k/32)).
+const exp2_table = [32]u64{
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51,
+    0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715, 0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d,
+    0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429, 0x3feea47eb03a5585,
+    0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+    0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
+    0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069,
+    0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540,
+};
+
+/// llama2.c's sample_mult: the first index where the running sum of p, added
+/// one value at a time in index order, passes coin (the last if none does).
+fn sampleMult(p: []const f32, coin: f32) u32 {
+    var cdf: f32 = 0;
+    for (p, 0..) |v, i| {
+        cdf += v;
+        if (coin < cdf) return @intCast(i);
+    }
+    return @intCast(p.len - 1);
+}
+
+/// How far past topp toppThreshold aims, so that the exact running sum (in
+/// another order than toppThreshold's) nearly always passes topp among the
+/// tokens it keeps: rounding moves such sums by far less.
+const nucleus_slack: f32 = 1e-4;
+
+/// llama2.c's sample_topp, with its result but without sorting the whole
+/// vocabulary: its candidates are the tokens with p >= (1 - topp) / (n - 1),
+/// ordered by probability, highest first (equal ones by index); their running
+/// sum in that order ends the nucleus at the first token where it passes topp
+/// (or at the last candidate), and coin times that sum picks a token by the
+/// running sum again. Only the candidates at or above a threshold just below
+/// the nucleus's edge are sorted: all tokens after them in that order are
+/// smaller, so the walk over them is llama2.c's when their sum passes topp;
+/// if rounding leaves it short, all of llama2.c's candidates are sorted.
+fn sampleTopp(p: []const f32, topp: f32, coin: f32, buf: []f32, keys: []u64) u32 {
+    if (p.len < 2) return 0;
+    const cutoff = (1 - topp) / @as(f32, @floatFromInt(p.len - 1));
+    var th = @max(toppThreshold(p, @min(topp + nucleus_slack, 1), buf), cutoff);
+    while (true) : (th = cutoff) {
+        const n = collectAtLeast(keys, p, th);
+        const cand = sortKeys(keys[0..n], keys[p.len..][0..n]);
+        var cum: f32 = 0;
+        var last: ?usize = null;
+        for (cand, 0..) |key, i| {
+            cum += keyProb(key);
+            if (cum > topp) {
+                last = i;
+                break;
+            }
+        }
+        if (last == null) {
+            if (th > cutoff) continue; // short of topp: sort all the candidates
+            // None at all (a tiny topp over a small, flat vocabulary), where
+            // llama2.c reads before its array: the most probable token.
+            if (cand.len == 0) return argmax(p);
+            last = cand.len - 1;
+        }
+        const r = coin * cum;
+        var cdf: f32 = 0;
+        for (cand[0..last.?]) |key| {
+            cdf += keyProb(key);
+            if (r < cdf) return keyIndex(key);
+        }
+        return keyIndex(cand[last.?]);
+    }
+}
+
+/// A candidate as one integer: the bits of its (positive) probability
+/// inverted, then its index, so that ascending keys order the candidates by
+/// probability, highest first, and equal ones by index (a positive float's
+/// bits order as its values do).
+fn candidateKey(prob: f32, index: usize) u64 {
+    return @as(u64, ~@as(u32, @bitCast(prob))) << 32 | index;
+}
+
+fn keyProb(key: u64) f32 {
+    return @bitCast(~@as(u32, @intCast(key >> 32)));
+}
+
+fn keyIndex(key: u64) u32 {
+    return @truncate(key);
+}
+
+/// Keys sorted ascending, in place or in `room` (which it returns). A few
+/// hundred by comparisons; more by their probability bits alone, least
+/// significant 11 first, each pass stable so that equal ones stay in index
+/// order (as collectAtLeast gives them): the thousands of candidates of a flat
+/// distribution took milliseconds to sort by comparisons.
+fn sortKeys(keys: []u64, room: []u64) []u64 {
+    if (keys.len <= 256) {
+        std.sort.pdq(u64, keys, {}, std.sort.asc(u64));
+        return keys;
+    }
+    var src = keys;
+    var dst = room;
+    var shift: u6 = 32;
+    while (true) : (shift += 11) {
+        var at: [2048]u32 = @splat(0);
+        for (src) |k| at[@intCast((k >> shift) & 2047)] += 1;
+        if (at[@intCast((src[0] >> shift) & 2047)] < src.len) { // else all share this digit
+            var sum: u32 = 0;
+            for (&at) |*a| {
+                const count = a.*;
+                a.* = sum;
+                sum += count;
+            }
+            for (src) |k| {
+                const d: usize = @intCast((k >> shift) & 2047);
+                dst[at[d]] = k;
+                at[d] += 1;
+            }
+            std.mem.swap([]u64, &src, &dst);
+        }
+        if (shift == 54) return src;
+    }
+}
+
+/// The keys of the values of p that are >= th, in index order; how many.
+/// Whole vectors below th are skipped at once.
+fn collectAtLeast(keys: []u64, p: []const f32, th: f32) usize {
+    const t: F32s = @splat(th);
+    var k: usize = 0;
+    var i: usize = 0;
+    while (i < p.len) : (i += f32_lanes) {
+        const end = @min(i + f32_lanes, p.len);
+        if (end - i == f32_lanes and !@reduce(.Or, load(p, i) >= t)) continue;
+        for (i..end) |j| {
+            if (p[j] >= th) {
+                keys[k] = candidateKey(p[j], j);
+                k += 1;
+            }
+        }
+    }
+    return k;
 }
 
 /// The sum of the values of p that are >= th (or > th, if `strict`), in
@@ -1782,35 +2029,6 @@ fn minMax(p: []const f32) [2]f32 {
         max = @max(max, v);
     }
     return .{ min, max };
-}
-
-/// Pick i with probability p[i]/mass among p[i] >= th, by coin in [0, 1);
-/// whole blocks of 16 are skipped until the one holding the target.
-fn sampleFrom(p: []const f32, th: f32, mass: f32, coin: f32) u32 {
-    const r = coin * mass;
-    var cum: f32 = 0;
-    var last: ?usize = null;
-    var i: usize = 0;
-    while (i + 16 <= p.len) : (i += 16) {
-        const bs = massFrom(p[i..][0..16], th, false);
-        if (cum + bs > r) break;
-        cum += bs;
-    }
-    while (i < p.len) : (i += 1) {
-        if (p[i] >= th) {
-            cum += p[i];
-            last = i;
-            if (r < cum) return @intCast(i);
-        }
-    }
-    if (last == null) { // rounding left us past the end: take the last candidate
-        var k = p.len;
-        while (k > 0) {
-            k -= 1;
-            if (p[k] >= th) return @intCast(k);
-        }
-    }
-    return if (last) |l| @intCast(l) else argmax(p);
 }
 
 /// Keep the values of src that are > pivot (high) or <= pivot (!high) in
@@ -1909,7 +2127,9 @@ fn toppThreshold(p: []const f32, topp: f32, buf: []f32) f32 {
 // ------------------------------------------------------------------ generation
 
 /// llama2.c's loop as an iterator: feed the prompt, then sample; at most
-/// `steps` forward passes, and (when asked) stop when the model says BOS.
+/// `steps` forward passes (not counting `shift`'s), and (when asked) stop when
+/// the model says BOS. Steps past seq_len need `keep` > 0 and a `window` of
+/// seq_len ids (see `shift`); keep 0 is llama2.c's limit, steps <= seq_len.
 pub const Generator = struct {
     t: *Transformer,
     sampler: *Sampler,
@@ -1919,6 +2139,9 @@ pub const Generator = struct {
     pos: usize = 0, // forward passes done
     token: u32,
     done: bool = false,
+    keep: usize = 0,
+    window: []u32 = &.{}, // with keep > 0: the ids at positions 0..at-1
+    at: usize = 0, // the next position in the KV cache
 
     pub fn init(t: *Transformer, sampler: *Sampler, prompt: []const u32, steps: usize, diag: *Diagnostic) Error!Generator {
         if (prompt.len == 0) return diag.fail(error.BadInput, "generate: the prompt needs at least one token (BOS)", .{});
@@ -1928,7 +2151,10 @@ pub const Generator = struct {
     /// The next token of the sequence after the first prompt token, or null at the end.
     pub fn next(g: *Generator, diag: *Diagnostic) Error!?u32 {
         if (g.done or g.pos >= g.steps) return null;
-        const logits = try g.t.forward(g.token, g.pos, diag);
+        if (g.keep > 0 and g.at == g.t.config.seq_len) try g.shift(diag);
+        const logits = try g.t.forward(g.token, g.at, diag);
+        if (g.keep > 0) g.window[g.at] = g.token;
+        g.at += 1;
         const token = if (g.pos + 1 < g.prompt.len) g.prompt[g.pos + 1] else try g.sampler.sample(logits, diag);
         g.pos += 1;
         if (token == bos and g.pos >= g.prompt.len and g.stop_at_bos) {
@@ -1937,6 +2163,20 @@ pub const Generator = struct {
         }
         g.token = token;
         return token;
+    }
+
+    /// The context shift, when all seq_len positions hold the window's ids:
+    /// keep the first `keep`, drop the older half of the rest (rounded up, so
+    /// at least one goes), and run the ids after the kept ones again at their
+    /// new positions (the kept ones' keys and values stay: they see only each
+    /// other). Running them again gives the bits of a fresh run over the
+    /// shortened context, which moving the cached keys to new angles would not.
+    fn shift(g: *Generator, diag: *Diagnostic) Error!void {
+        const S = g.t.config.seq_len;
+        const drop = (S - g.keep + 1) / 2;
+        std.mem.copyForwards(u32, g.window[g.keep .. S - drop], g.window[g.keep + drop .. S]);
+        for (g.keep..S - drop) |p| _ = try g.t.forward(g.window[p], p, diag);
+        g.at = S - drop;
     }
 };
 
@@ -2058,11 +2298,23 @@ pub fn parseSteps(text: []const u8, naming: Naming, diag: *Diagnostic) Error!Int
 }
 
 /// The steps to run for a steps setting: 0 (or none) means seq_len, and so
-/// does a number outside 0..seq_len (`outside` says so).
-pub fn stepsFor(n: ?Integer, seq_len: usize) struct { steps: usize, outside: bool } {
+/// does a number outside 0..most (`outside` says so). most is seq_len, or
+/// `most_shifted` with the context shift (-k).
+pub fn stepsFor(n: ?Integer, seq_len: usize, most: usize) struct { steps: usize, outside: bool } {
     const x = n orelse return .{ .steps = seq_len, .outside = false };
-    if ((x.negative and x.magnitude != 0) or x.magnitude > seq_len) return .{ .steps = seq_len, .outside = true };
+    if ((x.negative and x.magnitude != 0) or x.magnitude > most) return .{ .steps = seq_len, .outside = true };
     return .{ .steps = if (x.magnitude == 0) seq_len else @intCast(x.magnitude), .outside = false };
+}
+
+/// The most steps with the context shift (run.c's: its counts are C ints).
+pub const most_shifted: usize = std.math.maxInt(i32) - 1;
+
+/// The context shift's keep (-k): an integer in 0..seq_len - 1; 0 is off.
+pub fn parseKeep(text: []const u8, seq_len: usize, diag: *Diagnostic) Error!usize {
+    const x = parseInteger(text);
+    if (x == null or x.?.saturated or (x.?.negative and x.?.magnitude != 0) or x.?.magnitude >= seq_len)
+        return diag.fail(error.BadInput, "-k: expected an integer in 0..{d} (seq_len - 1), got '{s}'", .{ seq_len - 1, text });
+    return @intCast(x.?.magnitude);
 }
 
 // ------------------------------------------------------------------ CLI
@@ -2073,8 +2325,11 @@ const usage_text =
     \\Options:
     \\  -t <float>  temperature, 0 (greedy) or 1e-6..1e6, default 1.0
     \\  -p <float>  top-p (nucleus), 0 or 1 (off) or 1e-6..1, default 0.9
-    \\  -s <int>    random seed in 0..2^64-1, default time(NULL)
+    \\  -s <int>    random seed, default time(NULL), 0 = time(NULL)
     \\  -n <int>    number of steps to run, default 256, 0 = seq_len
+    \\  -k <int>    past seq_len: keep the first k tokens, drop the older half of
+    \\              the rest and go on (1..seq_len-1; -n may then pass seq_len),
+    \\              default 0 = stop at seq_len
     \\  -i <string> input prompt
     \\  -z <string> tokenizer path, default tokenizer.bin
     \\  -m <string> mode: generate|chat, default generate
@@ -2093,6 +2348,7 @@ const Options = struct {
     seed: ?u64 = null,
     steps: ?Integer = null, // as given; 256 when not
     steps_text: []const u8 = "256",
+    keep_text: ?[]const u8 = null, // checked against seq_len once the model is read
 };
 
 const CliError = Error || error{ Help, Usage };
@@ -2107,7 +2363,7 @@ fn parseOptions(args: []const [:0]const u8, diag: *Diagnostic) CliError!Options 
     while (i < args.len) : (i += 2) {
         const flag = args[i];
         if (std.mem.eql(u8, flag, "-h")) return error.Help;
-        if (flag.len != 2 or flag[0] != '-' or std.mem.indexOfScalar(u8, "tpsnizmy", flag[1]) == null)
+        if (flag.len != 2 or flag[0] != '-' or std.mem.indexOfScalar(u8, "tpsnkizmy", flag[1]) == null)
             return diag.fail(error.BadInput, "unknown flag '{s}' (see runzig -h)", .{flag});
         if (i + 1 >= args.len) return diag.fail(error.BadInput, "flag {s} needs a value (see runzig -h)", .{flag});
         const v = args[i + 1];
@@ -2119,6 +2375,7 @@ fn parseOptions(args: []const [:0]const u8, diag: *Diagnostic) CliError!Options 
                 o.steps = try parseSteps(v, .flag, diag);
                 o.steps_text = v;
             },
+            'k' => o.keep_text = v,
             'i' => o.prompt = v,
             'z' => o.tokenizer_path = v,
             'm' => {
@@ -2296,19 +2553,24 @@ fn cli(init: std.process.Init, diag: *Diagnostic) !void {
     const gpa = init.gpa;
     const args = try init.minimal.args.toSlice(init.arena.allocator());
     const o = try parseOptions(args, diag);
-    const seed = o.seed orelse @as(u64, @intCast(@max(0, @divFloor(Io.Timestamp.now(io, .real).nanoseconds, std.time.ns_per_s))));
+    // no seed or 0: the clock's seconds, as llama2.c
+    const clock: u64 = @intCast(@max(1, @divFloor(Io.Timestamp.now(io, .real).nanoseconds, std.time.ns_per_s)));
+    const seed = if (o.seed) |s| (if (s != 0) s else clock) else clock;
 
     const model = try readModel(io, o.model_path, diag);
     defer std.heap.page_allocator.free(model.bytes);
     var t = try Transformer.init(gpa, model.bytes, o.model_path, model.check_finite, diag);
     defer t.deinit();
     const seq_len = t.config.seq_len;
-    const n = stepsFor(o.steps orelse .{ .negative = false, .magnitude = 256 }, seq_len);
+    const keep = if (o.keep_text) |text| try parseKeep(text, seq_len, diag) else 0;
+    if (keep > 0 and o.chat) return diag.fail(error.BadInput, "-k: the context shift is for -m generate only", .{});
+    const most = if (keep > 0) most_shifted else seq_len; // with -k, -n may pass seq_len
+    const n = stepsFor(o.steps orelse .{ .negative = false, .magnitude = 256 }, seq_len, most);
     const steps = n.steps;
     var ebuf: [256]u8 = undefined;
     var stderr = Io.File.stderr().writer(io, &ebuf);
     if (n.outside and o.steps != null) {
-        try stderr.interface.print("runzig: note: -n {s} is outside 0..{d}, using seq_len {d}\n", .{ o.steps_text, seq_len, seq_len });
+        try stderr.interface.print("runzig: note: -n {s} is outside 0..{d}, using seq_len {d}\n", .{ o.steps_text, most, seq_len });
         try stderr.interface.flush();
     }
     var tokenizer = try readTokenizer(gpa, io, o.tokenizer_path, t.config.vocab_size, diag);
@@ -2325,6 +2587,10 @@ fn cli(init: std.process.Init, diag: *Diagnostic) !void {
     defer gpa.free(prompt);
     if (prompt.len > seq_len) return diag.fail(error.BadInput, "-i: prompt encodes to {d} tokens, more than seq_len {d}", .{ prompt.len, seq_len });
     var gen = try Generator.init(&t, &sampler, prompt, steps, diag);
+    const window = try gpa.alloc(u32, if (keep > 0) seq_len else 0);
+    defer gpa.free(window);
+    gen.keep = keep;
+    gen.window = window;
     var start: f64 = 0;
     var prev = gen.token;
     while (try gen.next(diag)) |token| {
@@ -2333,9 +2599,11 @@ fn cli(init: std.process.Init, diag: *Diagnostic) !void {
         if (gen.pos == 1) start = seconds(io); // time from the second token, as llama2.c
     }
     try out.text("\n");
-    const tps = if (gen.pos > 1) @as(f64, @floatFromInt(gen.pos - 1)) / (seconds(io) - start) else 0;
-    try stderr.interface.print("achieved tok/s: {d:.6}\n", .{tps});
-    try stderr.interface.flush();
+    if (gen.pos > 1) { // as llama2.c: only when a token after the first was timed
+        const tps = @as(f64, @floatFromInt(gen.pos - 1)) / (seconds(io) - start);
+        try stderr.interface.print("achieved tok/s: {d:.6}\n", .{tps});
+        try stderr.interface.flush();
+    }
 }
 
 /// Chat: Llama 2's [INST] template; user turns from -i, then stdin.
@@ -2441,6 +2709,165 @@ test "argmax: the first of equal maxima, a maximum in the tail, and 0 when all a
     try std.testing.expectEqual(@as(u32, 0), argmax(&nan));
 }
 
+test "expLibc: glibc's expf bits, fused (x86-64 with FMA and AVX2) or not (WebAssembly)" {
+    // expf's results printed by glibc 2.36 on x86-64, with and without its FMA variant
+    const cases = [_][3]u32{
+        .{ 0x00000000, 0x3f800000, 0x3f800000 }, // 0
+        .{ 0xb0800000, 0x3f800000, 0x3f800000 }, // -2^-30
+        .{ 0xbf000000, 0x3f1b4598, 0x3f1b4598 }, // -0.5
+        .{ 0xbf800000, 0x3ebc5ab2, 0x3ebc5ab2 }, // -1
+        .{ 0xc0135d8d, 0x3dccccd0, 0x3dccccd0 }, // -2.302585
+        .{ 0xc1200000, 0x383e6bce, 0x383e6bce }, // -10
+        .{ 0xc27c65d9, 0x11fa2993, 0x11fa2992 }, // -63.099464: the one where they differ
+        .{ 0xc2ae999a, 0x0084c38b, 0x0084c38b }, // -87.3: subnormal from here on
+        .{ 0xc2c80000, 0x0000001b, 0x0000001b }, // -100
+        .{ 0xc2cfcccd, 0x00000001, 0x00000001 }, // -103.9
+        .{ 0xc2d00000, 0x00000000, 0x00000000 }, // -104
+        .{ 0xc3480000, 0x00000000, 0x00000000 }, // -200
+        .{ 0xff800000, 0x00000000, 0x00000000 }, // -inf
+    };
+    var xs: [cases.len]f32 = undefined;
+    for (&xs, cases) |*x, c| x.* = @bitCast(c[0]);
+    const ys: [cases.len]f32 = expLibc(cases.len, xs);
+    for (cases, 0..) |c, i| {
+        const want = if (libc_fma) c[1] else c[2];
+        try std.testing.expectEqual(want, @as(u32, @bitCast(ys[i])));
+        try std.testing.expectEqual(want, @as(u32, @bitCast(expLibc(1, .{xs[i]})[0])));
+    }
+}
+
+test "probabilities: e^(x - max) summed in index order, then divided by the sum" {
+    // e^0, e^-1, e^-0.5 as glibc's expf has them (the test above), then f32 sums in order
+    const e0: f32 = 1;
+    const e1: f32 = @bitCast(@as(u32, 0x3ebc5ab2));
+    const e2: f32 = @bitCast(@as(u32, 0x3f1b4598));
+    var x = [_]f32{ 2, 1, 1.5, 1, 2, 1.5, 2, 1, 1, 1.5, 2 }; // 11: vectors and a tail
+    const es = [_]f32{ e0, e1, e2, e1, e0, e2, e0, e1, e1, e2, e0 };
+    var sum: f32 = 0;
+    for (es) |e| sum += e;
+    probabilities(&x);
+    for (x, es) |p, e| try std.testing.expectEqual(e / sum, p);
+}
+
+test "Sampler: the seed is xorshift64*'s first state, as llama2.c's -s" {
+    var s = try Sampler.init(std.testing.allocator, 4, 1, 0.9, 42);
+    defer s.deinit(std.testing.allocator);
+    // from s ^= s >> 12; s ^= s << 25; s ^= s >> 27; (s * 0x2545F4914F6CDD1D) >> 32, by hand
+    try std.testing.expectEqual(@as(u32, 0x56ce4ab7), s.nextU32());
+    try std.testing.expectEqual(@as(u32, 0xc841eb53), s.nextU32());
+    try std.testing.expectEqual(@as(f32, @as(f32, 0xca466b) / 16777216.0), s.nextF32());
+}
+
+/// llama2.c's sample_topp as it reads: the candidates, a stable sort by
+/// probability (so equal ones stay in index order), the sums, the walk.
+fn referenceTopp(gpa: Allocator, p: []const f32, topp: f32, coin: f32) !u32 {
+    const Cand = struct { prob: f32, index: u32 };
+    var cand: std.ArrayList(Cand) = .empty;
+    defer cand.deinit(gpa);
+    const cutoff = (1 - topp) / @as(f32, @floatFromInt(p.len - 1));
+    for (p, 0..) |v, i| if (v >= cutoff) try cand.append(gpa, .{ .prob = v, .index = @intCast(i) });
+    std.sort.block(Cand, cand.items, {}, struct {
+        fn higher(_: void, a: Cand, b: Cand) bool {
+            return a.prob > b.prob;
+        }
+    }.higher);
+    var cum: f32 = 0;
+    var last = cand.items.len - 1;
+    for (cand.items, 0..) |c, i| {
+        cum += c.prob;
+        if (cum > topp) {
+            last = i;
+            break;
+        }
+    }
+    const r = coin * cum;
+    var cdf: f32 = 0;
+    for (cand.items[0 .. last + 1]) |c| {
+        cdf += c.prob;
+        if (r < cdf) return c.index;
+    }
+    return cand.items[last].index;
+}
+
+test "sampleMult and sampleTopp pick llama2.c's tokens, equal probabilities included" {
+    const gpa = std.testing.allocator;
+    var prng = std.Random.DefaultPrng.init(7);
+    const rnd = prng.random();
+    for ([_]usize{ 3, 37, 512, 4093 }) |n| {
+        const p = try gpa.alloc(f32, n);
+        defer gpa.free(p);
+        const buf = try gpa.alloc(f32, n);
+        defer gpa.free(buf);
+        const keys = try gpa.alloc(u64, 2 * n);
+        defer gpa.free(keys);
+        for ([_]f64{ 0.3, 2, 6 }) |spread| {
+            // logits rounded to steps of 1/8 give many equal probabilities
+            for (p) |*v| v.* = @floatCast(@round(rnd.floatNorm(f64) * spread * 8) / 8);
+            probabilities(p);
+            for ([_]f32{ 0.1, 0.5, 0.9, 0.99 }) |topp| {
+                for (0..20) |k| {
+                    const coin = @as(f32, @floatFromInt(k)) / 20 + 0.01;
+                    try std.testing.expectEqual(try referenceTopp(gpa, p, topp, coin), sampleTopp(p, topp, coin, buf, keys));
+                }
+            }
+            // a coin just under the running sum at i picks i, where p[i] moved it
+            var cdf: f32 = 0;
+            for (p, 0..) |v, i| {
+                const before = cdf;
+                cdf += v;
+                if (cdf > before) try std.testing.expectEqual(@as(u32, @intCast(i)), sampleMult(p, std.math.nextAfter(f32, cdf, 0)));
+            }
+        }
+    }
+    // no candidates: topp so small that (1 - topp) / (n - 1) is above every
+    // probability; llama2.c reads outside its array, this takes the most probable
+    var few = [_]f32{ 0.3, 0.36, 0.34 };
+    var buf: [3]f32 = undefined;
+    var keys: [6]u64 = undefined;
+    try std.testing.expectEqual(@as(u32, 1), sampleTopp(&few, 1e-6, 0.5, &buf, &keys));
+}
+
+test "decode and printable: llama2.c's decode and safe_printf" {
+    // sscanf(p, "<0x%02hhX>", &b): two characters at most, after whitespace; a sign; "0x" is 0
+    try std.testing.expectEqual(@as(?u8, 0x41), scanBytePiece("<0x41>"));
+    try std.testing.expectEqual(@as(?u8, 0xab), scanBytePiece("<0xab>"));
+    try std.testing.expectEqual(@as(?u8, 0x4), scanBytePiece("<0x4>"));
+    try std.testing.expectEqual(@as(?u8, 0x12), scanBytePiece("<0x123>"));
+    try std.testing.expectEqual(@as(?u8, 0x41), scanBytePiece("<0x \t41>"));
+    try std.testing.expectEqual(@as(?u8, 0xff), scanBytePiece("<0x-1>"));
+    try std.testing.expectEqual(@as(?u8, 0x0f), scanBytePiece("<0x+F>"));
+    try std.testing.expectEqual(@as(?u8, 0), scanBytePiece("<0x0x>"));
+    try std.testing.expectEqual(@as(?u8, null), scanBytePiece("<0xZZ>"));
+    try std.testing.expectEqual(@as(?u8, null), scanBytePiece("<0x"));
+    try std.testing.expectEqual(@as(?u8, null), scanBytePiece("<0X41>"));
+    // one byte prints if isprint or isspace (C locale); anything longer prints
+    for ("a~ \t\n\x0b\x0c\r") |c| try std.testing.expect(printable(&.{c}));
+    for ("\x00\x01\x08\x0e\x1f\x7f\x80\xc3\xff") |c| try std.testing.expect(!printable(&.{c}));
+    try std.testing.expect(!printable(""));
+    try std.testing.expect(printable("\xc3\xa9"));
+
+    const pieces = [_][]const u8{ "<unk>", "\n<s>\n", "\n</s>\n", "<0x41>", "<0x0A>", " hi", "a\x00b", "<0x20>" };
+    var file: std.ArrayList(u8) = .empty;
+    defer file.deinit(std.testing.allocator);
+    try file.appendSlice(std.testing.allocator, &std.mem.toBytes(@as(i32, 8)));
+    for (pieces) |piece| {
+        try file.appendSlice(std.testing.allocator, &std.mem.toBytes(@as(f32, 0)));
+        try file.appendSlice(std.testing.allocator, &std.mem.toBytes(@as(i32, @intCast(piece.len))));
+        try file.appendSlice(std.testing.allocator, piece);
+    }
+    var diag: Diagnostic = .{};
+    var tok = try Tokenizer.init(std.testing.allocator, file.items, pieces.len, "t.bin", &diag);
+    defer tok.deinit();
+    try std.testing.expectEqualStrings("A", tok.decode(bos, 3));
+    try std.testing.expectEqualStrings("\n", tok.decode(5, 4));
+    try std.testing.expectEqualStrings("hi", tok.decode(bos, 5)); // the leading space goes after BOS
+    try std.testing.expectEqualStrings(" hi", tok.decode(3, 5));
+    try std.testing.expectEqualStrings("a", tok.decode(3, 6)); // a C string ends at NUL
+    try std.testing.expectEqualStrings(" ", tok.decode(bos, 7)); // a byte piece keeps its space
+    try std.testing.expectEqualStrings("\n<s>\n", tok.decode(3, bos));
+    try std.testing.expectEqualStrings("\n</s>\n", tok.decode(3, eos));
+}
+
 test "fp16 cache: every finite half converts back exactly, and toF16 rounds as @floatCast, saturating" {
     var h: u32 = 0;
     while (h < 0x10000) : (h += 1) {
@@ -2520,7 +2947,7 @@ test "settings: decimal text only, judged on the f32 it rounds to, the same rule
     try std.testing.expectEqualStrings("steps: expected an integer, got '12x'", diag.msg);
 }
 
-test "stepsFor: 0 means seq_len, and so does anything outside 0..seq_len (which it says)" {
+test "stepsFor: 0 means seq_len, and so does anything outside 0..most (which it says); -k's range" {
     const cases = [_]struct { text: []const u8, steps: usize, outside: bool }{
         .{ .text = "0", .steps = 64, .outside = false },
         .{ .text = "-0", .steps = 64, .outside = false },
@@ -2531,9 +2958,18 @@ test "stepsFor: 0 means seq_len, and so does anything outside 0..seq_len (which 
         .{ .text = "99999999999999999999", .steps = 64, .outside = true },
     };
     for (cases) |c| {
-        const n = stepsFor(parseInteger(c.text).?, 64);
+        const n = stepsFor(parseInteger(c.text).?, 64, 64);
         try std.testing.expectEqual(c.steps, n.steps);
         try std.testing.expectEqual(c.outside, n.outside);
+    }
+    // with the context shift (-k), past seq_len
+    try std.testing.expectEqual(@as(usize, 1000), stepsFor(parseInteger("1000").?, 64, most_shifted).steps);
+    try std.testing.expect(stepsFor(parseInteger("2147483647").?, 64, most_shifted).outside);
+    var diag: Diagnostic = .{};
+    try std.testing.expectEqual(@as(usize, 63), try parseKeep("63", 64, &diag));
+    for ([_][]const u8{ "64", "-1", "1.5", "", "99999999999999999999" }) |text| {
+        try std.testing.expectError(error.BadInput, parseKeep(text, 64, &diag));
+        try std.testing.expect(std.mem.startsWith(u8, diag.msg, "-k: expected an integer in 0..63 (seq_len - 1), got '"));
     }
 }
 
@@ -2574,4 +3010,37 @@ test "tokenizer.bin: its size is bounded by vocab_size pieces of max_token_lengt
     }
     try std.testing.expectError(error.BadTokenizer, Tokenizer.init(std.testing.allocator, &file, 3, "t.bin", &diag));
     try std.testing.expectEqualStrings("t.bin: piece 2 has bad length 6 (must be 0..max_token_length 5)", diag.msg);
+}
+
+test "encode the texts of ./encode-texts.bin, when there is one, into ./encode-ids.txt" {
+    // How tests/runtimes/test_encoder.py reaches the encoder (natively and as WebAssembly) without
+    // a command-line flag: it writes encode-tokenizer.bin and encode-texts.bin (u32 vocab_size,
+    // then for each text a u32 length and its bytes), runs these tests there, and compares each
+    // line of ids (or "error: message") with SentencePiece's. Elsewhere this does nothing.
+    const gpa = std.testing.allocator;
+    const io = std.testing.io;
+    const cwd = Io.Dir.cwd();
+    const input = cwd.readFileAlloc(io, "encode-texts.bin", gpa, .unlimited) catch |e| switch (e) {
+        error.FileNotFound => return,
+        else => return e,
+    };
+    defer gpa.free(input);
+    const tok_data = try cwd.readFileAlloc(io, "encode-tokenizer.bin", gpa, .unlimited);
+    defer gpa.free(tok_data);
+    var diag: Diagnostic = .{};
+    var tok = try Tokenizer.init(gpa, tok_data, readInt(u32, input, 0), "encode-tokenizer.bin", &diag);
+    defer tok.deinit();
+    var out: std.ArrayList(u8) = .empty;
+    defer out.deinit(gpa);
+    var off: usize = 4;
+    while (off < input.len) {
+        const text = input[off + 4 ..][0..readInt(u32, input, off)];
+        off += 4 + text.len;
+        if (tok.encode(gpa, text, true, false, &diag)) |ids| {
+            defer gpa.free(ids);
+            for (ids, 0..) |id, k| try out.print(gpa, "{s}{d}", .{ if (k == 0) "" else " ", id });
+            try out.append(gpa, '\n');
+        } else |_| try out.print(gpa, "error: {s}\n", .{diag.msg});
+    }
+    try cwd.writeFile(io, .{ .sub_path = "encode-ids.txt", .data = out.items });
 }

@@ -141,7 +141,7 @@ fn startSession(text: []const u8, settings: []const u8) run.Error!usize {
     if (prompt.len > seq_len) return diag.fail(error.BadInput, "prompt encodes to {d} tokens, more than seq_len {d}", .{ prompt.len, seq_len });
     var sampler = try run.Sampler.init(gpa, t.config.vocab_size, temperature, topp, seed);
     errdefer sampler.deinit(gpa);
-    const n_steps = run.stepsFor(steps, seq_len).steps;
+    const n_steps = run.stepsFor(steps, seq_len, seq_len).steps;
     session = .{ .prompt = prompt, .sampler = sampler, .generator = undefined, .prev = prompt[0] };
     const s = &session.?;
     s.generator = try run.Generator.init(t, &s.sampler, s.prompt, n_steps, &diag);

@@ -65,6 +65,15 @@ def one_line(lines, *needles):
         assert str(needle) in lines[0], (needle, lines[0])
 
 
+def refused_writing_nothing(main, argv, path, needle, out_dir, capsys):
+    """main(argv), which reads path and writes into out_dir, exits 1 with one line naming path,
+    and leaves out_dir empty."""
+    code, lines = run(main, argv, capsys)
+    assert code == 1
+    one_line(lines, path, needle)
+    assert os.listdir(out_dir) == []
+
+
 def no_temporaries(folder):
     return [p for p in os.listdir(folder) if p.endswith(".tmp") or ".tmp" in p]
 
@@ -217,13 +226,9 @@ def test_sample_refuses_bad_models(base, tmp_path, capsys, case):
 @pytest.mark.parametrize("case", MODEL_INPUTS)
 def test_export_refuses_bad_models(base, tmp_path, capsys, case):
     make, needle = MODEL_INPUTS[case]
-    path = make(base, tmp_path)
-    out = tmp_path / "out" / "model.bin"
-    out.parent.mkdir()
-    code, lines = run(export.main, [path, out, "--version", "1"], capsys)
-    assert code == 1
-    one_line(lines, path, needle)
-    assert os.listdir(out.parent) == []
+    path, out = make(base, tmp_path), tmp_path / "out"
+    out.mkdir()
+    refused_writing_nothing(export.main, [path, out / "model.bin", "--version", "1"], path, needle, out, capsys)
 
 
 # ----------------------------------------------------------------------------- tokenizer models
@@ -262,13 +267,9 @@ def test_sample_refuses_bad_tokenizers(base, tmp_path, capsys, case):
 @pytest.mark.parametrize("case", TOKENIZER_INPUTS)
 def test_tokenizer_refuses_bad_models(base, tmp_path, capsys, case):
     make, needle = TOKENIZER_INPUTS[case]
-    path = make(base, tmp_path)
-    out = tmp_path / "out" / "tok.bin"
-    out.parent.mkdir()
-    code, lines = run(tokenizer.main, ["-t", path, "-o", out], capsys)
-    assert code == 1
-    one_line(lines, path, needle)
-    assert os.listdir(out.parent) == []
+    path, out = make(base, tmp_path), tmp_path / "out"
+    out.mkdir()
+    refused_writing_nothing(tokenizer.main, ["-t", path, "-o", out / "tok.bin"], path, needle, out, capsys)
 
 
 @pytest.mark.parametrize("case", TOKENIZER_INPUTS)
@@ -348,7 +349,7 @@ SAMPLE_FLAGS = [
     ("--temperature", "1e7"), ("--temperature", "hot"), ("--top_p", "nan"), ("--top_p", "-0.5"), ("--top_p", "1.5"),
     ("--top_p", "1e-320"), ("--top_p", "-inf"), ("--top_k", "-1"), ("--top_k", "1.5"), ("--max_new_tokens", "-1"),
     ("--max_new_tokens", "many"), ("--seed", "-1"), ("--seed", str(2**64)), ("--seed", "1e3"), ("--device", "gpu"),
-    ("--device", "cuda:x"), ("--engine", "rust"), ("--bogus", "1"),
+    ("--device", "cuda:x"), ("--engine", "rust"), ("--sampler", "numpy"), ("--bogus", "1"),
 ]
 
 
@@ -357,6 +358,14 @@ def test_sample_flags(base, capsys, flag, value):
     code, lines = run(sample.main, ["--checkpoint", base["bin"], "--ids", flag, value], capsys)
     assert code == 2
     one_line(lines, flag)
+
+
+@pytest.mark.parametrize("flag, value", [("--top_k", "40"), ("--seed", "0")])
+def test_sample_llama2c_sampler_flags(base, capsys, flag, value):
+    """llama2.c's sampler has no top-k, and llama2.c reads seed 0 as the clock."""
+    code, lines = run(sample.main, ["--checkpoint", base["bin"], "--ids", "--sampler", "llama2c", flag, value], capsys)
+    assert code == 2
+    one_line(lines, flag, "llama2c")
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])

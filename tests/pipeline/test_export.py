@@ -45,13 +45,7 @@ def tokens_for(model, seed=1, T=33):
     return torch.randint(0, model.args.vocab_size, (2, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: thread start-up dominates, and a busy machine makes it far worse.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def need(path: Path) -> Path:

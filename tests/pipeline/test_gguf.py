@@ -41,13 +41,7 @@ SHAPE = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=320, hidden
              norm_eps=1e-6, rope_theta=500000.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: torch's thread start-up would dominate on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def a_model(tied, seed=0, **shape):

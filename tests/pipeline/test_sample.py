@@ -6,9 +6,11 @@ import sys
 import pytest
 import torch
 
+import sample as sample_py
 from export import write_v1
 from model import ModelArgs, Transformer
 from tests.common import LLAMA2_TOKENIZER_MODEL, ROOT, STORIES260K, need
+from tests.runtimes.models import random_model
 from tokenizer import Tokenizer
 
 
@@ -92,3 +94,31 @@ def test_bad_checkpoints_are_one_line(tmp_path, content):
     path.write_bytes(content)
     r = sample("--checkpoint", path, "--ids")
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def peaked_random_model_bin(tmp_path_factory):
+    """A random model whose weights are spread wide, so that its next-token distributions are peaked, as a
+    trained model's: near-equal probabilities would let the last bits of the logits reorder top-p's candidates."""
+    try:
+        import runtime
+
+        runtime.load_library()
+    except (OSError, subprocess.CalledProcessError) as e:
+        pytest.skip(f"librun.so cannot be built: {e}")
+    return random_model(tmp_path_factory.mktemp("peaked") / "model.bin", 1, seed=0, dim=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, vocab_size=512, max_seq_len=128)
+
+
+@pytest.mark.parametrize("seed, temperature, top_p", [(1, 1.0, 0.9), (42, 0.8, 0.5), (2**63 + 5, 1.0, 1.0),
+                                                       (7, 1.5, 0.95)])
+def test_llama2c_sampler_gives_the_c_engines_ids(peaked_random_model_bin, capsys, seed, temperature, top_p):
+    ids = {}
+    for engine in ("torch", "c"):
+        code = sample_py.main(["--checkpoint", str(peaked_random_model_bin), "--ids", "--no_stop", "--engine", engine,
+                               "--sampler", "llama2c", "--seed", str(seed), "--temperature", str(temperature),
+                               "--top_p", str(top_p), "--max_new_tokens", "120"])
+        assert code == 0
+        ids[engine] = capsys.readouterr().out.split()
+    assert len(ids["c"]) == 121 and len(set(ids["c"])) > 30  # BOS and 120 varied ids
+    assert ids["torch"] == ids["c"]

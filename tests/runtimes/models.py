@@ -5,7 +5,7 @@ with random weights); ids from the C library through runtime.py, the reference e
 runtime build is held to.
 """
 
-import numpy as np
+import re
 
 import modelbin
 from tests.common import LLAMA2_TOKENIZER_BIN as LLAMA_TOK_BIN  # noqa: F401 (re-exported)
@@ -34,19 +34,8 @@ def write_model(path, cfg, version=1, seed=0, shared=True, gs=None):
 
 
 def write_word_tokenizer(path, vocab_size, seed=0):
-    """A tokenizer.bin of <unk>, BOS, EOS, the 256 byte pieces, then random lower-case words
-    (scores -id): text in, text out, for the CLI's prompt and output."""
-    rng = np.random.default_rng(seed)
-    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % i for i in range(256)]
-    letters = b"abcdefghijklmnopqrstuvwxyz "
-    seen = set(pieces)
-    while len(pieces) < vocab_size:
-        w = bytes(letters[i] for i in rng.integers(0, len(letters), rng.integers(1, 6)))
-        if w not in seen:
-            seen.add(w)
-            pieces.append(w)
-    pieces = pieces[:vocab_size]
-    modelbin.write_tokenizer(path, pieces, [-float(i) for i in range(len(pieces))])
+    """A tokenizer.bin of modelbin.random_vocab's words: text in, text out, for the CLI's prompt and output."""
+    modelbin.write_tokenizer(path, *modelbin.random_vocab(vocab_size, seed))
     return path
 
 
@@ -59,8 +48,32 @@ def write_id_tokenizer(path, vocab_size):
 
 
 def parse_ids(text):
-    """Ids printed with the id tokenizer (EOS prints nothing, so it is not there)."""
-    return [int(w) for w in text.split()]
+    """Ids printed with the id tokenizer. EOS, which llama2.c prints as its piece "\n</s>\n",
+    is left out, as c_ids leaves it out."""
+    return [int(w) for w in text.split() if w != "</s>"]
+
+
+C_LOCALE_WHITESPACE = b" \t\n\v\f\r"
+
+
+def llama2c_printed(pieces, ids):
+    """The bytes karpathy/llama2.c's run.c prints for ids (BOS first, then what it read and
+    sampled), by its rules: each token's piece after the one before, without the piece's leading
+    space right after BOS; a piece "<0xXX>" stands for the byte XX; a piece of one byte only if
+    it is printable or whitespace in the C locale; BOS and EOS as their pieces. Then the newline
+    it ends with."""
+    out = []
+    for prev, token in zip(ids, ids[1:], strict=False):
+        piece = pieces[token]
+        if prev == BOS and piece.startswith(b" "):
+            piece = piece[1:]
+        if re.fullmatch(rb"<0x[0-9A-Fa-f]{2}>", piece):
+            piece = bytes([int(piece[3:5], 16)])
+        piece = piece.split(b"\0")[0]  # printed as a C string
+        if len(piece) == 1 and not (0x20 <= piece[0] <= 0x7E or piece in C_LOCALE_WHITESPACE):
+            continue
+        out.append(piece)
+    return b"".join(out) + b"\n"
 
 
 def c_ids(path, steps, prompt_ids=None, temperature=0.0, **kw):
@@ -144,3 +157,13 @@ RANDOM_MODELS = [
     ("v2_straddle_gs64_by4", 2, 64, dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512,
                                          max_seq_len=96, hidden_dim=172)),
 ]
+
+
+def with_seq_len(src, path, seq_len):
+    """A v1 copy of the model.bin `src` with another seq_len: a trained model with a short context,
+    for runs far past it."""
+    import dataclasses
+
+    header, tensors = modelbin.read_model(src)
+    modelbin.write_model(path, dataclasses.replace(header, version=1, seq_len=seq_len), tensors)
+    return path

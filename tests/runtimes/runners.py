@@ -414,6 +414,8 @@ CLI_ONLY = {
     "test_non_utf8_prompt_uses_byte_fallback": "the page's prompt is JavaScript text, always valid UTF-8",
     "test_chat_mode_matches_c": "the page has no chat mode (it reads no stdin)",
     "test_flag_before_model": "the page has no command line",
+    "test_pieces_print_as_llama2c": "the page shows text, not the bytes llama2.c prints to a terminal",
+    "test_context_shift_past_seq_len_matches_plain_runs": "the page has no input for the context shift (-k)",
 }
 
 RUNTIMES = [

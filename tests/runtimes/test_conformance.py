@@ -3,9 +3,10 @@ of runners.RUNTIMES (C -O3, C under ASan + UBSan, C -Ofast with OpenMP, Zig, Zig
 wasmtime, the browser page), in the working directory of conftest.py's `work` fixture.
 
 Agreement: greedy ids equal to the C library's (runtime.py over librun.so) on stories260K and on
-random models (v0/v1/v2, GQA, odd shapes, int8 group sizes), text equal to what the library's
-ids decode to, seeded samples equal to the library's and to llama2.c's own run.c's
-(../shared/fixtures/llama2c-sampled), the same samples with 1 and 2 threads, chat mode.
+random models (v0/v1/v2, GQA, odd shapes, int8 group sizes), the library's ids printed as
+llama2.c prints them, seeded samples equal to the library's and to llama2.c's own run.c's
+(../shared/fixtures/llama2c-sampled), the same samples with 1 and 2 threads, chat mode,
+greedy ids past seq_len (-k) equal to plain runs over the shifted context.
 
 Bad input: every failure is exactly one line on stderr naming the file or flag, and a non-zero
 exit; never a crash, a hang or garbage. A case a runtime cannot take is skipped with the reason
@@ -21,7 +22,7 @@ import pytest
 import modelbin
 from tests.common import SHARED
 from tests.runtimes import models
-from tests.runtimes.models import BOS, RANDOM_MODELS, parse_ids, write_id_tokenizer, write_model
+from tests.runtimes.models import BOS, EOS, RANDOM_MODELS, parse_ids, write_id_tokenizer, write_model
 from tests.runtimes.runners import BY_NAME, RUNTIMES, NotApplicable
 
 
@@ -50,26 +51,33 @@ def run(rt, work, args, stdin=b"", threads=1):
         pytest.skip(f"not applicable to {rt.name}: {e}")
 
 
-def assert_ran(rt, p, notes=()):
-    """Exit 0, and on stderr only the notes given and (command-line runtimes) the speed line."""
+def assert_ran(rt, p, notes=(), timed=True):
+    """Exit 0, and on stderr only the notes given and (command-line runtimes) the speed line,
+    which llama2.c prints only when at least two tokens were timed (timed=False: fewer)."""
     err = p.stderr.decode("utf-8", "replace")
     assert p.returncode == 0, err
     lines = err.splitlines()
-    if rt.speed_line:
+    if rt.speed_line and timed:
         assert lines and lines[-1].startswith("achieved tok/s: "), err
         lines = lines[:-1]
     assert len(lines) == len(notes) and all(n in line for n, line in zip(notes, lines, strict=True)), err
 
 
 def assert_greedy_matches(rt, work, model, tok, steps, want, threads=1):
-    """rt's greedy ids (printed through an id tokenizer) equal the C library's `want`, or equal
-    them up to a near-tie: a position, after at least 16 equal ones, where the library's two
-    top logits are closer than the precision's rounding (1e-4 of the largest logit in fp32,
-    1e-2 in int8, whose activations are quantized too), and the builds, which sum in different
-    orders, break the tie differently."""
+    """rt's greedy ids (printed through an id tokenizer) equal the C library's `want`, up to a
+    near-tie (assert_same_up_to_a_near_tie)."""
     p = run(rt, work, [model, "-z", tok, "-n", steps, "-t", 0], threads=threads)
     assert_ran(rt, p)
-    got = [BOS] + parse_ids(p.stdout.decode())
+    assert_same_up_to_a_near_tie(work, model, [BOS] + parse_ids(p.stdout.decode()), want)
+
+
+def assert_same_up_to_a_near_tie(work, model, got, want):
+    """got equals want, or equals it up to a near-tie: a position, after at least 16 equal ones,
+    where the library's logits of the two ids there are closer than the precision's rounding
+    (1e-4 of the largest logit in fp32, 1e-2 in int8, whose activations are quantized too), and
+    the builds, which sum in different orders, rank the two differently: greedy takes the other
+    one as the larger; top-p, which walks the candidates sorted by probability, meets the other
+    one first (llama2.c's own builds differ there too)."""
     if got == want:
         return
     i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
@@ -77,7 +85,7 @@ def assert_greedy_matches(rt, work, model, tok, steps, want, threads=1):
     logits = work.c_logits(model, want[:i])
     other = got[i] if i < len(got) else BOS  # a run that ends early sampled BOS
     tol = 1e-2 if modelbin.read_header(work / model).version == 2 else 1e-4
-    margin = (logits[want[i]] - logits[other]) / abs(logits).max()
+    margin = abs(logits[want[i]] - logits[other]) / abs(logits).max()
     assert margin < tol, f"ids differ at {i}: {other} != {want[i]}, not a near-tie ({margin:.2g} of the largest logit)"
 
 
@@ -93,20 +101,47 @@ def test_stories260k_greedy_ids_match_c(rt, work, threads):
 
 
 def test_stories260k_text_matches_c(rt, work):
-    """With a word tokenizer and a prompt: the bytes the C library's ids decode to, as run.c
-    prints them (control bytes left out, a newline at the end; as text where the runtime shows text)."""
+    """With a word tokenizer (byte pieces too) and a prompt: the C library's ids as llama2.c's
+    run.c prints them (models.llama2c_printed; as text where the runtime shows text)."""
     import runtime
 
     model = work.stories260k()
     tok = runtime.Tokenizer(work / "tok.bin", 512)
-    ids = work.c_ids(model, 120, prompt_ids=tuple(tok.encode("ab cd ef")))
-    text = bytes(b for b in tok.decode_bytes(ids) if b >= 0x20 or b in b"\n\t\r")
-    if rt.shows_text:
-        text = text.decode("utf-8", "replace").encode()
+    with runtime.Model(work / model) as m:
+        ids = m.generate(tok.encode("ab cd ef"), steps=120, temperature=0)
+    text = models.llama2c_printed(modelbin.read_tokenizer(work / "tok.bin")[0], ids)
     p = run(rt, work, [model, "-z", "tok.bin", "-n", 120, "-t", 0, "-i", "ab cd ef"])
     assert_ran(rt, p)
     assert len(text) > 100
-    assert p.stdout.rstrip(b"\n") == text.rstrip(b"\n")
+    if rt.shows_text:
+        assert p.stdout.rstrip(b"\n") == text.decode("utf-8", "replace").encode().rstrip(b"\n")
+    else:
+        assert p.stdout == text
+
+
+def test_pieces_print_as_llama2c(rt, work):
+    """llama2.c's printing, on a prompt it echoes: the dummy prefix's space dropped after BOS,
+    a "<0xXX>" piece printed as that byte, a piece of one byte only if it is printable or
+    whitespace in the C locale: \\n, \\v and \\t are printed; control bytes (0x01, 0x7f) and
+    the lone bytes of a character spelt as byte pieces (é: 0xc3 0xa9) are not."""
+    import runtime
+
+    tok = "bytes512.bin"
+    if not (work / tok).exists():
+        pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % i for i in range(256)] + [b" ", b"x", b" x"]
+        pieces += [b"zz%d" % i for i in range(512 - len(pieces))]  # never in the prompt
+        modelbin.write_tokenizer(work / tok, pieces, [-float(i) for i in range(512)])
+    prompt = "x\n\x01é\x7f\x0b\tx"
+    n = len(runtime.Tokenizer(work / tok, 512).encode(prompt)) - 1  # the steps that echo the prompt, no more
+    p = run(rt, work, ["v1.bin", "-z", tok, "-i", prompt, "-n", n])
+    assert_ran(rt, p)
+    assert p.stdout == b"x\n\x0b\tx\n"
+
+
+def test_speed_line_only_from_two_tokens(rt, work):
+    """As llama2.c: the speed is timed from the second token, and printed only if there is one."""
+    assert_ran(rt, run(rt, work, ["v1.bin", "-z", "tok.bin", "-n", 1, "-s", 1]), timed=False)
+    assert_ran(rt, run(rt, work, ["v1.bin", "-z", "tok.bin", "-n", 2, "-s", 1, "-i", "ab cd"]))
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -126,20 +161,25 @@ def test_modelbin_files_greedy_ids_match_c(rt, work, base):
 
 @pytest.mark.parametrize("seed,temperature,topp", [(7, 1.0, 0.9), (11, 0.8, 0.5), (3, 1.0, 1.0)])
 def test_seeded_sampling_matches_c(rt, work, seed, temperature, topp):
-    """Same xorshift RNG, same top-p: the same seed gives the C library's ids."""
+    """Same xorshift RNG, same sampler: the same seed gives the C library's ids (up to a near-tie,
+    where a build whose probabilities differ in the last bits sorts the candidates otherwise)."""
     model = work.stories260k()
     want = work.c_ids(model, 200, temperature=temperature, topp=topp, seed=seed)
     p = run(rt, work, [model, "-z", "ids512.bin", "-n", 200, "-t", temperature, "-p", topp, "-s", seed])
     assert_ran(rt, p)
-    assert [BOS] + parse_ids(p.stdout.decode()) == want
+    assert_same_up_to_a_near_tie(work, model, [BOS] + parse_ids(p.stdout.decode()), want)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="run.c's sampler is not llama2.c's: it seeds xorshift64* through splitmix64, "
-                   "and top-p walks the candidates in id order, not sorted by probability")
+# Where a runtime's sums run in another order than llama2.c's, a row may part at a near-tie:
+# seed 134's 107th token has two candidates 1e-6 apart, which WebAssembly's SIMD128 matmul
+# rounds the other way (summing in llama2.c's order there costs ~18% of its speed).
+LLAMA2C_NEAR_TIES = {"wasi", "browser"}
+
+
 def test_sampling_matches_llama2c(rt, work):
     """The ids karpathy/llama2.c's run.c printed on stories260K for each row's flags (with
-    bracket512.bin, whose piece i is "[i]"): a drop-in for llama2.c prints the same."""
+    bracket512.bin, whose piece i is "[i]"): a drop-in for llama2.c prints the same, exactly;
+    runtimes in LLAMA2C_NEAR_TIES up to a near-tie."""
     model = work.stories260k()
     tok = work.fixture(SHARED / "llama2c-sampled" / "bracket512.bin")
     tsv = models.need(SHARED / "llama2c-sampled" / "stories260K_sampled_ids.tsv")
@@ -148,7 +188,12 @@ def test_sampling_matches_llama2c(rt, work):
     for seed, temperature, topp, steps, ids in rows:
         p = run(rt, work, [model, "-z", tok, "-s", seed, "-t", temperature, "-p", topp, "-n", steps])
         assert_ran(rt, p)
-        assert re.findall(rb"\[(\d+)\]", p.stdout) == ids.encode().split(), (seed, temperature, topp)
+        got = [BOS] + [int(i) for i in re.findall(rb"\[(\d+)\]", p.stdout)]
+        want = [BOS] + [int(i) for i in ids.split()]
+        if rt.name in LLAMA2C_NEAR_TIES:
+            assert_same_up_to_a_near_tie(work, model, got, want)
+        else:
+            assert got == want, (seed, temperature, topp)
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -178,6 +223,48 @@ def test_chat_mode_matches_c(rt, work):
     p = run(rt, work, args, stdin=b"more\n")
     assert want.returncode == 0 and p.returncode == 0, p.stderr.decode()
     assert p.stdout.startswith(b"Assistant: ") and p.stdout == want.stdout
+
+
+def shifted_by_plain_runs(path, keep, steps):
+    """Greedy ids past seq_len, -k keep's meaning spelled out with plain runs of the C library
+    (no keep): run the context until all seq_len positions are used; then keep its first `keep`
+    ids, drop the older half of the rest (rounded up) and start afresh from what is left, as from a
+    prompt. BOS, then at most `steps` ids, no EOS (as c_ids)."""
+    import runtime
+
+    with runtime.Model(path) as m:
+        S = m.seq_len
+        seq = ctx = [BOS]
+        while len(seq) <= steps:
+            out = m.generate(ctx, steps=S, temperature=0.0)  # S forward passes: S + 1 ids, unless BOS came
+            seq = seq + out[len(ctx):]
+            if len(out) <= S:
+                break
+            ctx = out[:keep] + out[keep + (S - keep + 1) // 2:]
+    return [i for i in seq[:steps + 1] if i != EOS]
+
+
+# (model, keep): keep 1 (BOS only) and more, rests of odd and even length, fp32 and int8 (fp16 cache)
+SHIFT_CASES = [("random_v1", 3), ("random_v2", 1), ("stories260k_64", 7)]
+
+
+@pytest.mark.parametrize("name,keep", SHIFT_CASES, ids=[c[0] for c in SHIFT_CASES])
+def test_context_shift_past_seq_len_matches_plain_runs(rt, work, name, keep):
+    """-k: 4 x seq_len greedy ids, 5 or 6 shifts, equal to shifted_by_plain_runs' (stories260K's
+    weights with seq_len 64: a trained model, whose ids vary)."""
+    model = f"shift_{name}.bin"
+    if not (work / model).exists():
+        if name == "stories260k_64":
+            models.with_seq_len(models.need(models.STORIES260K), work / model, 64)
+        else:
+            models.random_model(work / model, int(name[-1]), dim=64, n_layers=2, n_heads=8, n_kv_heads=2,
+                                vocab_size=512, max_seq_len=32)
+    S = modelbin.read_header(work / model).seq_len
+    want = shifted_by_plain_runs(work / model, keep, 4 * S)
+    assert len(want) == 4 * S + 1 and len(set(want[2 * S:])) > 10  # real runs, far past seq_len
+    p = run(rt, work, [model, "-z", "ids512.bin", "-n", 4 * S, "-t", 0, "-k", keep])
+    assert_ran(rt, p)
+    assert [BOS] + parse_ids(p.stdout.decode()) == want
 
 
 # ------------------------------------------------------------------ bad input
@@ -299,6 +386,10 @@ FLAG_CASES = [
     (["-s", "-4"], ["-s"]),
     (["-s", "99999999999999999999999"], ["-s"]),
     (["-m", "talk"], ["-m", "talk"]),
+    (["-k", "-1"], ["-k", "0..63"]),
+    (["-k", "64"], ["-k", "0..63"]),
+    (["-k", "2.5"], ["-k", "2.5"]),
+    (["-k", "4", "-m", "chat"], ["-k", "generate"]),
 ]
 
 

@@ -30,7 +30,8 @@ BUILDS = [NATIVE]
 
 
 def test_zig_unit_tests():
-    """expVec against std.math.exp, softmax, quantize rounding, argmax, the fp16 cache's
-    conversions, the header's norm_eps and rope_theta."""
+    """expVec against std.math.exp, softmax, quantize rounding, argmax, the sampler against
+    glibc's expf bits and llama2.c's top-p, llama2.c's printing, the fp16 cache's conversions,
+    the header's norm_eps and rope_theta."""
     p = subprocess.run([str(NATIVE.path())], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and f"All {zig_test_count()} tests passed" in p.stderr, p.stderr

@@ -1,10 +1,13 @@
 """Generation with the KV cache must give the ids that recomputing the whole sequence gives."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
-from model import ModelArgs, Transformer
-from tests.common import STORIES260K, need
+from model import Llama2cSampler, ModelArgs, Transformer
+from tests.common import SHARED, STORIES260K, need
 
 MHA = dict(dim=48, n_layers=2, n_heads=4, vocab_size=300, multiple_of=16, max_seq_len=96)
 
@@ -97,3 +100,146 @@ def test_compiled_one_token_step_gives_the_eager_ids(stories260k):
     # another prompt length: the same compiled step serves other positions
     assert torch.equal(stories260k.generate(x[:, :1], 30, temperature=0.0, compile=True),
                        stories260k.generate(x[:, :1], 30, temperature=0.0))
+
+
+# ----------------------------------------------------------------------------- llama2.c's sampler
+
+# xorshift64*'s first u32s, as a C program's uint64_t arithmetic gives them (llama2.c's random_u32)
+XORSHIFT_U32 = {
+    1: [1206177355, 2882512552, 3117485455, 1303648416],
+    42: [1456360119, 3359763283, 3393612768, 4054632243],
+    2**64 - 1: [4180462053, 2415166680, 879531507, 3310800028],
+}
+
+
+@pytest.mark.parametrize("seed", XORSHIFT_U32)
+def test_llama2c_random_numbers(seed):
+    u32s, f32s = Llama2cSampler(seed), Llama2cSampler(seed)
+    assert [u32s.random_u32() for _ in range(4)] == XORSHIFT_U32[seed]
+    coins = [f32s.random_f32() for _ in range(4)]
+    assert all(c.dtype == np.float32 for c in coins)
+    assert coins == [(u >> 8) / 2**24 for u in XORSHIFT_U32[seed]]  # the top 24 bits, exactly
+
+
+def test_llama2c_seed_zero_is_refused():
+    with pytest.raises(ValueError, match="seed"):
+        Llama2cSampler(0)
+
+
+def sample_with_coin(probs, coin, top_p):
+    """The id Llama2cSampler picks from `probs` at temperature 1 when its coin is `coin`."""
+    sampler = Llama2cSampler(1, 1.0, top_p)
+    sampler.random_f32 = lambda: np.float32(coin)
+    logits = torch.from_numpy(np.log(np.array([probs], dtype=np.float32)))
+    return sampler(logits).item()
+
+
+# Probabilities 0.3, 0.6, 0.05, 0.05. Top-p sorts the candidates by probability, [1, 0, 2, 3] (equal ones: lower
+# id first), cuts them after the first whose running total passes top_p, and walks coin * that total.
+@pytest.mark.parametrize("coin, top_p, expected", [
+    (0.2, 1.0, 0),  # no top-p: the cdf in id order, 0.2 < 0.3
+    (0.35, 1.0, 1),
+    (0.92, 1.0, 2),
+    (0.2, 0.7, 1),  # [1, 0], total 0.9: 0.18 < 0.6, where id order would give 0
+    (0.7, 0.7, 0),  # 0.63: past 1's 0.6
+    (0.99, 0.5, 1),  # 0.6 > 0.5 alone: the nucleus is [1]
+    (0.99, 0.92, 2),  # [1, 0, 2], total 0.95: 0.9405 is past 0.9
+    (0.93, 0.99, 2),  # all four, total 1: 0.93 falls in the first of the equal pair, id 2
+    (0.97, 0.99, 3),
+])
+def test_llama2c_top_p_walks_the_candidates_sorted_by_probability(coin, top_p, expected):
+    assert sample_with_coin([0.3, 0.6, 0.05, 0.05], coin, top_p) == expected
+
+
+def test_llama2c_top_p_cut_needs_a_total_over_top_p():
+    """0.5 + 0.25 reaches 0.75 exactly: not over it, so the nucleus takes the last 0.25 too."""
+    assert sample_with_coin([0.5, 0.25, 0.25], 0.9, 0.75) == 2
+
+
+def test_llama2c_temperature_zero_is_the_first_argmax():
+    sampler = Llama2cSampler(5, 0.0, 0.9)
+    assert sampler(torch.tensor([[0.0, 3.0, 1.0, 3.0], [2.0, 0.0, 0.0, 0.0]])).tolist() == [1, 0]
+    assert sampler.state == 5  # greedy draws no coin
+
+
+def test_llama2c_refuses_nan_logits():
+    with pytest.raises(FloatingPointError):
+        Llama2cSampler(5)(torch.tensor([[0.0, float("nan")]]))
+
+
+def llama2c_rows():
+    """(seed, temperature, top_p, steps, ids) of each row of the llama2.c-sampled fixture (empty without it)."""
+    path = SHARED / "llama2c-sampled" / "stories260K_sampled_ids.tsv"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()[1:]
+    return [(int(s), float(t), float(p), int(n), [int(i) for i in ids.split()])
+            for s, t, p, n, ids in (line.split("\t") for line in lines)]
+
+
+def test_llama2c_sampler_prints_llama2c_ids(stories260k):
+    """Every row of the ids karpathy/llama2.c's run.c printed on stories260K: from BOS, ended by BOS."""
+    rows = llama2c_rows()
+    if not rows:
+        pytest.skip("fixture llama2c-sampled/stories260K_sampled_ids.tsv not present (../shared is optional)")
+    for seed, temperature, top_p, steps, expected in rows:
+        sampler = Llama2cSampler(seed, temperature, top_p)
+        ids = [t.item() for t in stories260k.stream(torch.tensor([[1]]), steps, sampler=sampler, stop_tokens=(1,))]
+        assert ids[: len(expected)] == expected, (seed, temperature, top_p)
+        assert ids[len(expected):] == ([1] if len(expected) < steps else [])  # llama2.c stopped at BOS
+
+
+# ------------------------------------------------------------------ past max_seq_len (keep > 0)
+
+
+def shifted_by_plain_runs(m, prompt, keep, n):
+    """Greedy ids past max_seq_len with keep's meaning spelled out by plain runs (no keep): generate
+    until the context fills max_seq_len, take the next id from a forward over that whole context,
+    then keep the context's first `keep` ids, drop the older half of the rest (rounded up) and start
+    afresh from what is left, as from a prompt. The prompt, then n ids."""
+    S = m.args.max_seq_len
+    seq = ctx = list(prompt)
+    while len(seq) < len(prompt) + n:
+        full = m.generate(torch.tensor([ctx]), S - len(ctx), temperature=0.0)[0].tolist()
+        out = full + [int(m(torch.tensor([full]))[0][0, -1].argmax())]
+        seq = seq + out[len(ctx):]
+        ctx = out[:keep] + out[keep + (S - keep + 1) // 2:]
+    return seq[: len(prompt) + n]
+
+
+def wide_random_model(seed=0, **shape):
+    """A random model whose greedy ids wander (see tests/runtimes/models.py)."""
+    from tests.runtimes.models import random_classifier, random_transformer
+
+    return random_classifier(random_transformer(ModelArgs(**shape), seed), seed + 1)
+
+
+@pytest.mark.parametrize("keep", [1, 6])
+def test_keep_goes_past_max_seq_len_as_plain_runs_over_the_shortened_context(keep):
+    m = wide_random_model(**{**MHA, "max_seq_len": 32})
+    x = torch.tensor([[1, 40, 7], [1, 250, 9]])
+    got = m.generate(x, 4 * 32, temperature=0.0, keep=keep)
+    assert got.shape == (2, 3 + 4 * 32)
+    for row, prompt in zip(got.tolist(), x.tolist(), strict=True):
+        assert row == shifted_by_plain_runs(m, prompt, keep, 4 * 32)
+        assert len(set(row[64:])) > 10  # varied ids, far past max_seq_len
+    assert torch.equal(m.generate(x, 4 * 32, temperature=0.0, keep=keep, use_cache=False), got)
+
+
+def test_keep_on_a_trained_model_with_a_short_context(stories260k):
+    """stories260K's weights with max_seq_len 64, whose ids vary as a trained model's do."""
+    args = dataclasses.replace(stories260k.args, max_seq_len=64)
+    m = Transformer.from_state_dict(args, stories260k.state_dict())
+    got = m.generate(torch.tensor([[1]]), 4 * 64, temperature=0.0, keep=7)[0].tolist()
+    assert got == shifted_by_plain_runs(m, [1], 7, 4 * 64)
+    assert len(set(got[128:])) > 10
+
+
+def test_keep_out_of_range_or_a_prompt_past_max_seq_len_is_refused():
+    m = random_model({**MHA, "max_seq_len": 32})
+    for keep in (-1, 32):
+        with pytest.raises(ValueError, match="keep must be in 0..31"):
+            m.generate(prompts(length=3), 5, keep=keep)
+    with pytest.raises(ValueError, match="prompt of 33 tokens exceeds max_seq_len 32"):
+        m.generate(prompts(length=33), 5, keep=1)
+    assert m.generate(prompts(length=32), 5, keep=1).shape == (2, 37)
