@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import Llama2cSampler, ModelArgs, Transformer
+from model import Llama2cSampler, ModelArgs, Transformer, sample_next
 from tests.common import SHARED, STORIES260K, need
 
 MHA = dict(dim=48, n_layers=2, n_heads=4, vocab_size=300, multiple_of=16, max_seq_len=96)
@@ -81,6 +81,14 @@ def test_stop_tokens_end_generation_once_every_sequence_has_one(stories260k):
     stopped = stories260k.generate(x, 40, temperature=0.0, stop_tokens=tuple(stops))
     assert end < 42
     assert torch.equal(stopped, free[:, :end])
+
+
+# Probabilities 0.1, 0.5, 0.25, 0.15 (ids 0-3): sorted 0.5, 0.25, 0.15, 0.1, totals 0.5, 0.75, 0.9, 1.0.
+@pytest.mark.parametrize("top_p, kept", [(0.4, [1]), (0.6, [1, 2]), (0.8, [1, 2, 3]), (0.95, [0, 1, 2, 3])])
+def test_top_p_keeps_the_most_likely_tokens_until_their_total_reaches_it(top_p, kept):
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.25, 0.15]]))
+    drawn = {int(sample_next(logits, 1.0, None, top_p, torch.Generator().manual_seed(s))) for s in range(200)}
+    assert drawn == set(kept)
 
 
 def test_no_room_or_no_tokens_asked_yields_nothing():
