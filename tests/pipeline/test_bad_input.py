@@ -419,7 +419,8 @@ def test_export_refuses_to_write_a_model_with_nan(base, tmp_path):
         assert not out.exists()
 
 
-TOKENIZER_FLAGS = [["--bogus"], ["-t"], ["-o"], ["extra_positional"]]
+TOKENIZER_FLAGS = [["--bogus"], ["--bogus=1"], ["-t"], ["-o"], ["--tokenizer-model"], ["--output"],
+                   ["extra_positional"], ["-t", "m.model", "extra_positional"]]
 
 
 @pytest.mark.parametrize("flags", TOKENIZER_FLAGS, ids=[" ".join(f) for f in TOKENIZER_FLAGS])
