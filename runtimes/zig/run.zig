@@ -824,15 +824,21 @@ fn expScalar(x: f32) f32 {
     return expVec(@splat(x))[0];
 }
 
-fn softmax(x: []f32) void {
+/// The largest value of x (vectorised; -inf for an empty slice).
+fn largest(x: []const f32) f32 {
     var i: usize = 0;
     var vmax: F32s = @splat(-std.math.inf(f32));
     while (i + f32_lanes <= x.len) : (i += f32_lanes) vmax = maxVec(vmax, load(x, i));
     var max = maxLane(vmax);
     for (x[i..]) |v| max = @max(max, v);
+    return max;
+}
+
+fn softmax(x: []f32) void {
+    const max = largest(x);
     const vm: F32s = @splat(max);
     var vsum: F32s = @splat(0);
-    i = 0;
+    var i: usize = 0;
     while (i + f32_lanes <= x.len) : (i += f32_lanes) {
         const e = expVec(load(x, i) - vm);
         x[i..][0..f32_lanes].* = e;
@@ -1791,14 +1797,10 @@ fn argmax(p: []const f32) u32 {
 /// order, then each divided by the sum. (Attention keeps `softmax`: faster,
 /// and no sampling order depends on its last bits.)
 fn probabilities(x: []f32) void {
-    var i: usize = 0;
-    var vmax: F32s = @splat(-std.math.inf(f32));
-    while (i + f32_lanes <= x.len) : (i += f32_lanes) vmax = maxVec(vmax, load(x, i));
-    var max = maxLane(vmax);
-    for (x[i..]) |v| max = @max(max, v);
+    const max = largest(x);
     const H = @Vector(f64_lanes, f32);
     var sum: f32 = 0;
-    i = 0;
+    var i: usize = 0;
     while (i + f64_lanes <= x.len) : (i += f64_lanes) {
         const e = expLibc(f64_lanes, @as(H, x[i..][0..f64_lanes].*) - @as(H, @splat(max)));
         x[i..][0..f64_lanes].* = e;
