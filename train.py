@@ -241,6 +241,8 @@ def preflight(cfg: TrainConfig, local_rank: int) -> None:
         os.makedirs(cfg.out_dir, exist_ok=True)
     except OSError as e:
         raise TrainError(f"out_dir {cfg.out_dir}: cannot create it ({e.strerror or e})") from None
+    if cfg.init_from == "scratch":  # the shards; a resumed run's vocabulary is the checkpoint's, checked later
+        BatchLoader("train", cfg.batch_size, cfg.max_seq_len, cfg.vocab_size, cfg.data_dir)
 
 
 def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
@@ -257,7 +259,11 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict:
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        dist.init_process_group(backend=backend)
+        try:
+            dist.init_process_group(backend=backend)
+        except RuntimeError as e:  # most often another process failed first and printed why
+            raise TrainError(f"could not connect the {os.environ['WORLD_SIZE']} training processes "
+                             f"({' '.join(str(e).split())[:200]}); see the other processes' errors") from None
     master = rank == 0
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     progress = Progress(master)
