@@ -308,12 +308,13 @@ def read_header(path) -> Header:
     return header
 
 
-def read_model(path) -> tuple[Header, dict[str, np.ndarray]]:
+def read_model(path, *, check_finite: bool = True) -> tuple[Header, dict[str, np.ndarray]]:
     """A model.bin of any version: (its header, {name: fp32 array}) for the tensors of file_order(header).
 
     v2's Q8_0 tensors come back dequantized; v0's RoPE tables as rope.cos / rope.sin. There is no
     output.weight when the classifier is shared (it is tok_embeddings.weight). A NaN or an infinity
-    in any weight (or a Q8_0 scale so large that a weight overflows) is a FormatError naming the tensor.
+    in any weight (or a Q8_0 scale so large that a weight overflows) is a FormatError naming the tensor;
+    check_finite=False skips that scan (bench/bench_load.py measures what it costs).
     """
     path = os.fspath(path)
     header = read_header(path)
@@ -323,18 +324,15 @@ def read_model(path) -> tuple[Header, dict[str, np.ndarray]]:
     with open(path, "rb") as f:
         f.seek(V0_HEADER_BYTES if header.version == 0 else HEADER_BYTES)
         for name in fp32:
-            tensors[name] = _read_fp32(f, path, name, math.prod(shapes[name])).reshape(shapes[name])
+            tensors[name] = _read_fp32(f, path, name, math.prod(shapes[name]), check_finite).reshape(shapes[name])
         for name in q80:
             count, gs = math.prod(shapes[name]), header.group_size
             q = np.frombuffer(_read_exactly(f, path, name, count), np.int8).reshape(shapes[name])
-            scale = _read_fp32(f, path, name, count // gs)  # (finite, checked)
+            scale = _read_fp32(f, path, name, count // gs, check_finite)
             if np.abs(scale).max(initial=0) > _FLOAT32_MAX / 127:  # |q| <= 127, so q * scale cannot overflow
                 raise FormatError(f"{path}: tensor {name} has a Q8_0 scale so large that its weights overflow")
             tensors[name] = dequantize_q80(q, scale, gs)
     return header, tensors
-
-
-_CHUNK = 1 << 16  # values read and checked at a time: the check finds them still in the CPU's cache
 
 
 def all_finite(a) -> bool:
@@ -350,8 +348,11 @@ def check_finite(tensors: dict, source) -> None:
     """Raise FormatError naming the first tensor of `tensors` ({name: array}) that holds a NaN or an infinity."""
     for name, t in tensors.items():
         if not all_finite(t):
-            raise FormatError(f"{source}: tensor {name} holds NaN or infinite values; refusing a model that "
-                              "cannot compute")
+            raise nonfinite_error(source, name)
+
+
+def nonfinite_error(source, name: str) -> FormatError:
+    return FormatError(f"{source}: tensor {name} holds NaN or infinite values; refusing a model that cannot compute")
 
 
 def _read_exactly(f, path, name: str, n_bytes: int) -> bytes:
@@ -361,18 +362,20 @@ def _read_exactly(f, path, name: str, n_bytes: int) -> bytes:
     return data
 
 
-def _read_fp32(f, path, name: str, count: int) -> np.ndarray:
-    """count little-endian float32 values from f, refused if any is NaN or infinite: each chunk is checked
-    right after it is read, while it is in the cache, which makes the check a small part of the read."""
+_PIECE = 1 << 20  # values read at a time (4 MB): each is checked while it is in the CPU's cache
+
+
+def _read_fp32(f, path, name: str, count: int, check_finite: bool) -> np.ndarray:
+    """count little-endian float32 values from f, refused if any is NaN or infinite: each piece is checked
+    right after it is read, from the cache, one dot product (all_finite) per piece."""
     out = np.empty(count, dtype="<f4")
     raw = memoryview(out).cast("B")
-    with np.errstate(over="ignore", invalid="ignore"):
-        for start in range(0, count, _CHUNK):
-            chunk = out[start : start + _CHUNK]
-            if f.readinto(raw[4 * start : 4 * start + chunk.nbytes]) != chunk.nbytes:
-                raise FormatError(f"{path}: cut off inside tensor {name} (did the file change while it was read?)")
-            if not math.isfinite(np.dot(chunk, chunk)):  # the fast test of all_finite, inline: this loop is hot
-                check_finite({name: chunk}, path)
+    for start in range(0, count, _PIECE):
+        piece = out[start : start + _PIECE]
+        if f.readinto(raw[4 * start : 4 * start + piece.nbytes]) != piece.nbytes:
+            raise FormatError(f"{path}: cut off inside tensor {name} (did the file change while it was read?)")
+        if check_finite and not all_finite(piece):
+            raise nonfinite_error(path, name)
     return out.astype(np.float32, copy=False)
 
 

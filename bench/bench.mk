@@ -5,12 +5,13 @@
 # minutes) and, with apt, clang, libomp-dev, qemu-user-static.
 #   make bench        the full matrix (long)      make bench-quick   15M only, a few minutes
 #   make bench-docs   quick run, also written to docs/performance.md + docs/bench.png
+#   make bench-load   what the load-time NaN/infinity scan costs (bench/bench_load.py, 110M)
 #   make test-bench   the tests that need llama.cpp / qemu: tests/pipeline/test_gguf.py, tests/runtimes/test_cross.py
 BENCH_STAMP = $(VENV)/.bench-installed
 BENCH_ARGS ?=
 BENCH_CMAKE = -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 
-.PHONY: bench bench-quick bench-docs bench-deps test-bench
+.PHONY: bench bench-quick bench-docs bench-load bench-deps test-bench
 
 bench-deps: $(BENCH_STAMP)
 $(BENCH_STAMP): requirements-bench.txt $(VENV_STAMP)
@@ -30,5 +31,7 @@ bench-quick: $(BENCH_STAMP)
 	$(PY) bench/bench.py --quick $(BENCH_ARGS)
 bench-docs: $(BENCH_STAMP)
 	$(PY) bench/bench.py --quick --docs $(BENCH_ARGS)
+bench-load: $(VENV_STAMP)
+	$(PY) bench/bench_load.py
 test-bench: $(BENCH_STAMP)
 	$(PY) -m pytest -q tests/pipeline/test_gguf.py tests/runtimes/test_cross.py
