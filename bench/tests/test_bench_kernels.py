@@ -6,12 +6,13 @@ buffer of ones, so the sum must equal the count of floats the kernels say they r
 bench_run.paired raises when it does not. stream.c shares those kernels (sweep.h).
 """
 
+import dataclasses
 import shutil
 
 import pytest
 
 import modelbin
-from bench.bench_run import RUN_C, bands, build_kernel, paired, series, weight_bytes
+from bench.bench_run import RUN_C, _run, bands, build_kernel, paired, series, weight_bytes
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
 
@@ -69,3 +70,26 @@ def test_series_prints_each_measurement_and_a_summary(paired_exe, capsys):
     assert [ln.split()[1:3] for ln in measured] == [["tiny", "a"], ["tiny", "b"]]
     summary = [ln for ln in lines if ln.startswith("tiny") and "median" in ln]
     assert {ln.split()[1] for ln in summary} == {"a", "b"} and all(" n    1 " in ln for ln in summary)
+
+
+@pytest.fixture(scope="module")
+def load_exe(tmp_path_factory):
+    exe = tmp_path_factory.mktemp("load") / "load"
+    build_kernel("load", exe, RUN_C)
+    return exe
+
+
+@pytest.mark.parametrize("where", [(0, 0), (3, 4), (-1, -1)])  # the first word, inside, the file's last word
+def test_load_kernel_sees_a_nan_the_copy_passes(load_exe, tmp_path, where):
+    """kernels/load.c times copy_checking; its last field says whether the copy saw a word that could
+    be a NaN. v0's RoPE tables are never read, so a NaN there loads: the flag is the copy's alone."""
+    header = dataclasses.replace(TINY, version=0)
+    tensors = modelbin.random_tensors(header)
+    tensors["rope.cos"], tensors["rope.sin"] = modelbin.rope_tables_np(header.head_dim, header.seq_len)
+    clean, dirty = tmp_path / "clean.bin", tmp_path / "dirty.bin"
+    modelbin.write_model(clean, header, tensors)
+    tensors["rope.sin"][where] = float("nan")
+    modelbin.write_model(dirty, header, tensors)
+    for model, flagged in ((clean, "0"), (dirty, "1")):
+        out = _run(load_exe, 1, model, 3)
+        assert len(out) == 5 and out[4] == flagged and all(float(v) >= 0 for v in (out[0], out[1], out[3]))
