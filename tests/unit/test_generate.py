@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import Llama2cSampler, ModelArgs, Transformer, sample_next
+from model import Llama2cSampler, ModelArgs, Transformer, draw, nucleus_floor, sample_next
 from tests.common import SHARED, STORIES260K, need
 
 MHA = dict(dim=48, n_layers=2, n_heads=4, vocab_size=300, multiple_of=16, max_seq_len=96)
@@ -89,6 +89,28 @@ def test_top_p_keeps_the_most_likely_tokens_until_their_total_reaches_it(top_p, 
     logits = torch.log(torch.tensor([[0.1, 0.5, 0.25, 0.15]]))
     drawn = {int(sample_next(logits, 1.0, None, top_p, torch.Generator().manual_seed(s))) for s in range(200)}
     assert drawn == set(kept)
+
+
+def test_draw_follows_the_odds_and_never_draws_a_zero():
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0], [0.0] * 5 + [2.0]])  # any total; zeros at both ends
+    ids = torch.stack([draw(probs, torch.Generator().manual_seed(s)) for s in range(4000)])
+    assert set(ids[:, 1].tolist()) == {5}
+    counts = torch.bincount(ids[:, 0], minlength=6) / 4000
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs[0], atol=0.03), counts  # 4000 draws: a standard error under 0.008
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 8.0])  # nearly uniform (every token a candidate) to peaked
+@pytest.mark.parametrize("top_p", [0.001, 0.5, 0.9, 0.999999])
+def test_nucleus_floor_of_the_candidates_is_that_of_the_whole_sorted_row(scale, top_p):
+    probs = torch.softmax(torch.randn(3, 32000, generator=torch.Generator().manual_seed(7)) * scale, dim=-1)
+    for row, floor in zip(probs, nucleus_floor(probs, top_p)[:, 0], strict=True):
+        ordered = sorted(row.tolist(), reverse=True)
+        total, i = 0.0, 0
+        while i < len(ordered) - 1 and total + ordered[i] < top_p:  # the first token whose total reaches top_p
+            total += ordered[i]
+            i += 1
+        assert floor == pytest.approx(ordered[i], rel=1e-6) or abs(total + ordered[i] - top_p) < 1e-6
 
 
 def test_no_room_or_no_tokens_asked_yields_nothing():
