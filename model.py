@@ -357,18 +357,19 @@ class Transformer(nn.Module):
         return cls.from_state_dict(args, sd, h.shared_classifier)
 
 
-def all_finite(logits) -> bool:
-    """No NaN and no infinity in logits: their sum is finite unless one is not (or it overflows, and only
-    then is each value tested). One reduction: testing each value every token costs ~20x as much."""
-    return bool(torch.isfinite(logits.sum()).item()) or bool(torch.isfinite(logits).all())
+def check_logits(logits) -> None:
+    """FloatingPointError if the logits hold a NaN or an infinity (the activations overflowed): any token
+    drawn from them would be garbage. Their sum is finite unless one is not (or it overflows, and only then
+    is each value tested): one reduction, where testing each value every token costs ~20x as much."""
+    if not (bool(torch.isfinite(logits.sum())) or bool(torch.isfinite(logits).all())):
+        raise FloatingPointError("the model's logits are NaN or infinite (its activations overflowed)")
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None):
-    """logits (B, vocab) -> token ids (B,). Temperature 0 is greedy (argmax). NaN or infinite logits (the
-    activations overflowed) raise FloatingPointError: any token drawn from them would be garbage."""
-    if not all_finite(logits):
-        raise FloatingPointError("the model's logits are NaN or infinite (its activations overflowed)")
+    """logits (B, vocab) -> token ids (B,). Temperature 0 is greedy (argmax). NaN or infinite logits raise
+    FloatingPointError (check_logits)."""
+    check_logits(logits)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -399,11 +400,11 @@ def nucleus_floor(probs, top_p: float):
     cutoff = (1.0 - top_p) / max(1, rows.shape[-1] - 1)
     floors = np.empty(len(rows), np.float32)
     for i, row in enumerate(rows):
-        top = np.sort(row[row >= cutoff])[::-1]
-        totals = np.cumsum(top)
-        if not len(top) or totals[-1] < top_p:  # (rounding, or a row that does not sum to 1)
-            top = np.sort(row)[::-1]
+        for pool in (row[row >= cutoff], row):  # the whole row where rounding leaves the candidates short
+            top = np.sort(pool)[::-1]
             totals = np.cumsum(top)
+            if len(top) and totals[-1] >= top_p:
+                break
         floors[i] = top[min(int((totals < top_p).sum()), len(top) - 1)]  # the totals rise
     return torch.from_numpy(floors).to(probs.device)[:, None]
 
@@ -440,9 +441,8 @@ class Llama2cSampler:
 
     def __call__(self, logits) -> torch.Tensor:
         """logits (B, vocab) -> token ids (B,), one row after another (one coin each)."""
+        check_logits(logits)
         rows = logits.float().cpu().numpy()
-        if not np.isfinite(rows).all():
-            raise FloatingPointError("the model's logits are NaN or infinite (its activations overflowed)")
         return torch.tensor([self.sample(row) for row in rows], device=logits.device)
 
     def sample(self, logits: np.ndarray) -> int:

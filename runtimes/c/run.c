@@ -652,12 +652,13 @@ __attribute__((target("avx2"))) static size_t copy_checking_avx2(unsigned char *
 
 /* memcpy that also says whether any 4-byte word it copied could be a NaN or infinity, in
  * the same pass: the test rides on the copy's loads, free in a loop bound by memory
- * (bench/bench_load.py measures it against memcpy). dst is page-aligned. */
+ * (bench/bench_load.py measures it against memcpy). Streaming stores need dst 32-byte
+ * aligned, as open_model's page-aligned copy is. */
 static int copy_checking(unsigned char *restrict dst, const unsigned char *restrict src, size_t size) {
     size_t i = 0;
     uint32_t any = 0;
 #ifdef HAVE_COPY_AVX2
-    if (__builtin_cpu_supports("avx2")) i = copy_checking_avx2(dst, src, size, &any);
+    if (((uintptr_t)dst & 31) == 0 && __builtin_cpu_supports("avx2")) i = copy_checking_avx2(dst, src, size, &any);
 #endif
     for (; i + 4 <= size; i += 4) {
         uint32_t u;
