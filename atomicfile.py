@@ -28,7 +28,7 @@ def atomic_write(path, mode: str = "wb", **open_kwargs):
         raise WriteError(f"{path}: is a directory; give a file name to write")
     if os.path.exists(path) and not os.path.isfile(path):
         raise WriteError(f"{path}: not a regular file (a FIFO or device?); refusing to replace it")
-    try:
+    try:  # remove_leftovers knows this name
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise WriteError(f"{path}: cannot write ({e.strerror})") from None
@@ -48,6 +48,18 @@ def atomic_write(path, mode: str = "wb", **open_kwargs):
             raise WriteError(f"{path}: write failed, previous file left intact ({e.strerror or e})") from None
         raise
     _sync_dir(folder)
+
+
+def remove_leftovers(path) -> None:
+    """Remove the temporary files of writes to `path` that were killed half way (a terminated worker)."""
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(folder):
+        if entry.startswith(f".{name}.") and entry.endswith(".tmp"):
+            try:
+                os.unlink(os.path.join(folder, entry))
+            except FileNotFoundError:
+                pass
 
 
 def _new_file_mode() -> int:

@@ -45,7 +45,7 @@ import urllib3
 from tqdm import tqdm
 
 import cmdline
-from atomicfile import WriteError, atomic_write
+from atomicfile import WriteError, atomic_write, remove_leftovers
 from synth import is_synthetic, write_corpus
 from tokenizer import Tokenizer, TokenizerError
 
@@ -468,6 +468,11 @@ def read_stories(path: str) -> list[str]:
     return [example["story"].strip() for example in examples]
 
 
+def shard_name(json_path: str) -> str:
+    """data07.json -> data07.bin"""
+    return os.path.basename(json_path)[: -len(".json")] + ".bin"
+
+
 def _tokenize_shard(job: tuple[str, str, str]) -> dict:
     json_path, model_path, out_dir = job
     enc = Tokenizer(model_path)
@@ -476,7 +481,7 @@ def _tokenize_shard(job: tuple[str, str, str]) -> dict:
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=sum(map(len, ids)))
     max_id = int(tokens.max()) if tokens.size else 0
     assert max_id <= MAX_VOCAB_SIZE, f"token id {max_id} does not fit uint16"
-    out = os.path.join(out_dir, os.path.basename(json_path)[: -len(".json")] + ".bin")
+    out = os.path.join(out_dir, shard_name(json_path))
     with atomic_write(out) as f:
         f.write(tokens.astype(np.uint16).tobytes())
     return {"shard": os.path.basename(out), "stories": len(stories), "n_tokens": int(tokens.size),
@@ -510,8 +515,13 @@ def pretokenize(vocab_size: int = 0, data_dir: str = DATA_DIR, tokenizer: str = 
     workers = min(workers or os.cpu_count() or 1, len(shards))
     t0 = time.time()
     jobs = [(path, model_path, out_dir) for path in shards]
-    with Pool(workers) as pool:
-        results = list(tqdm(pool.imap_unordered(_tokenize_shard, jobs), total=len(jobs), desc="pretokenize"))
+    try:
+        with Pool(workers) as pool:
+            results = list(tqdm(pool.imap_unordered(_tokenize_shard, jobs), total=len(jobs), desc="pretokenize"))
+    except BaseException:  # the pool was terminated: a worker may have died inside a write
+        for path in shards:
+            remove_leftovers(os.path.join(out_dir, shard_name(path)))
+        raise
     seconds = time.time() - t0
     results.sort(key=lambda r: r["shard"])
     for path in glob.glob(os.path.join(out_dir, "data*.bin")):  # shards of json files that are gone

@@ -1,10 +1,14 @@
 """atomicfile.atomic_write: the old file or the new one, never half, and no leftovers."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
-from atomicfile import WriteError, atomic_write
+from atomicfile import WriteError, atomic_write, remove_leftovers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_writes_the_new_bytes_with_the_usual_mode(tmp_path):
@@ -53,3 +57,15 @@ def test_a_failing_write_is_one_line_naming_the_file(tmp_path):
 def test_a_missing_directory_is_named(tmp_path):
     with pytest.raises(WriteError, match="does not exist"), atomic_write(tmp_path / "no" / "x.bin") as f:
         f.write(b"x")
+
+
+def test_remove_leftovers_clears_the_temporaries_of_a_killed_writer(tmp_path):
+    target, neighbour = tmp_path / "data00.bin", tmp_path / "data01.bin"
+    neighbour.write_bytes(b"another shard")
+    (tmp_path / ".data01.bin.abc.tmp").write_bytes(b"another shard's write in flight")
+    killed = "import os, sys; from atomicfile import atomic_write\n" \
+             "with atomic_write(sys.argv[1]) as f: f.write(b'half'); f.flush(); os._exit(9)"
+    done = subprocess.run([sys.executable, "-c", killed, str(target)], cwd=ROOT)
+    assert done.returncode == 9 and len(os.listdir(tmp_path)) == 3  # the killed write's temporary is there
+    remove_leftovers(target)
+    assert sorted(os.listdir(tmp_path)) == [".data01.bin.abc.tmp", "data01.bin"]
