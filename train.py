@@ -56,25 +56,36 @@ def resolve_device(name: str) -> str:
     return "cpu"
 
 
-def resolve_dtype(name: str, device_type: str) -> torch.dtype:
+CPU_FAST_MIN_PARAMS = 10_000_000  # "auto" compiles, and uses bf16 where native, CPU runs of models this big
+
+
+def has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). torch's checks are private: where a
+    version lacks them, the answer is no (fp32)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(name: str, device_type: str, n_params: int) -> torch.dtype:
+    """The autocast dtype: `name`, where "auto" means bf16 (else fp16) on CUDA, bf16 for CPU runs of big models
+    on CPUs with native bf16, fp32 elsewhere (see TrainConfig.dtype)."""
     if name == "auto":
-        if device_type != "cuda":
-            return torch.float32  # autocast on CPU is slower than fp32 for these sizes
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device_type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device_type == "cpu" and n_params >= CPU_FAST_MIN_PARAMS and has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in dtypes:
         raise ConfigError(f"dtype must be auto, {', '.join(dtypes)}; got {name!r}")
     return dtypes[name]
 
 
-COMPILE_MIN_PARAMS = 10_000_000  # compile="auto" compiles CPU runs of models at least this big
-
-
 def resolve_compile(setting: bool | str, device_type: str, n_params: int) -> bool:
     """Whether to torch.compile the model: `setting`, where "auto" means on for CPU runs of big models only
     (where the compile time is won back; see TrainConfig.compile)."""
     if setting == "auto":
-        return device_type == "cpu" and n_params >= COMPILE_MIN_PARAMS
+        return device_type == "cpu" and n_params >= CPU_FAST_MIN_PARAMS
     return setting
 
 
@@ -304,10 +315,6 @@ def exit_after_ddp(code: int) -> NoReturn:
 def _train(cfg, given, ddp, rank, world_size, master, device, device_type, progress, stop_requested) -> dict:
     log = progress.log
     ckpt_path = os.path.join(cfg.out_dir, checkpoint.CKPT_NAME)
-    dtype = resolve_dtype(cfg.dtype, device_type)
-    autocast = (
-        torch.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -359,6 +366,12 @@ def _train(cfg, given, ddp, rank, world_size, master, device, device_type, progr
         log(f"resuming from {ckpt_path} at iteration {iter_num}")
         del ckpt
     log(f"model: {model.num_params():,} parameters, {model_args}")
+    dtype = resolve_dtype(cfg.dtype, device_type, model.num_params())
+    autocast = (
+        torch.autocast(device_type=device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    )
+    if dtype != torch.float32:
+        log(f"autocast to {str(dtype).removeprefix('torch.')}")
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == torch.float16))
     raw_model = model

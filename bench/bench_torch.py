@@ -9,6 +9,7 @@ cache, as a first run sees it.
 
     python bench/bench_torch.py --quick    # the stories15M shape: a few minutes
     python bench/bench_torch.py            # also 42M sampling and 110M training (batch 2 x 1024), more rounds
+    python bench/bench_torch.py --curve 50      # also the loss curves of eager fp32 and the default over 50 steps
     python bench/bench_torch.py --pretokenize   # also the data pipeline: pretokenize stories/s at 1 and 2 workers
 """
 
@@ -16,11 +17,10 @@ import os
 import sys
 import tempfile
 
-# Set before torch is imported. An empty compile cache, so the compile time printed is a first run's. OpenMP
-# threads that sleep between parallel regions instead of spinning: on a machine that other work shares, a
-# spinning thread takes the core from the thread it waits for (2 threads under load ran up to 10x slower).
+# Set before torch is imported: an empty compile cache, so the compile time printed is a first run's. OpenMP's
+# wait policy is left as a user's run has it (unset: spin a while, then sleep); OMP_WAIT_POLICY=PASSIVE, kinder
+# to a busy machine, made the one-token step, ~900 small ops, 3x slower.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bench_torch_inductor-"))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -108,15 +108,16 @@ def bench_sampling(preset: str, n_new: int, rounds: int) -> dict:
 # ----------------------------------------------------------------------------- training
 
 
-def make_step(preset: str, batch_size: int, default: bool):
+def make_step(preset: str, batch_size: int, default: bool, overrides=()):
     """One training step as train.py takes it on the CPU: `default` with its CPU settings (optimizer, compile,
     dtype), else plain eager fp32 with AdamW's for-loop implementation. Same seed, same initial weights."""
-    cfg = load_config(str(ROOT / "configs" / f"{preset}.toml"), [f"--batch_size={batch_size}", "--device=cpu"])
+    cfg = load_config(str(ROOT / "configs" / f"{preset}.toml"),
+                      [f"--batch_size={batch_size}", "--device=cpu", *overrides])
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model_args()).train()
     optimizer = train.make_optimizer(model, cfg, "cpu", **({} if default else dict(fused=False)))
     forward = model
-    dtype = train.resolve_dtype(cfg.dtype, "cpu") if default else torch.float32
+    dtype = train.resolve_dtype(cfg.dtype, "cpu", model.num_params()) if default else torch.float32
     if default and train.resolve_compile(cfg.compile, "cpu", model.num_params()):
         forward = torch.compile(model)
     autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
@@ -171,6 +172,26 @@ def bench_training(preset: str, batch_size: int, steps: int) -> dict:
             "losses": losses}
 
 
+def bench_curve(preset: str, batch_size: int, steps: int) -> dict:
+    """The loss curves of eager fp32 and of the default over `steps` steps on the same batches of the synthetic
+    corpus (512-piece vocabulary, so the loss falls fast): does the faster default learn the same?"""
+    with tempfile.TemporaryDirectory(prefix="bench_curve-") as tmp:
+        tinystories.synth(data_dir=tmp, n_shards=3, stories_per_shard=1000, seed=1)
+        tinystories.pretokenize(512, data_dir=tmp, workers=1)
+        cfg = load_config(str(ROOT / "configs" / f"{preset}.toml"), ["--vocab_size=512"])
+        loader = tinystories.BatchLoader("train", batch_size, cfg.max_seq_len, 512, tmp, seed=0)
+        batches = [loader.next_batch() for _ in range(steps)]
+    losses = {}
+    for name, default in (("eager fp32", False), ("default", True)):
+        step, settings, _ = make_step(preset, batch_size, default, ["--vocab_size=512"])
+        losses[name] = [step(x, y) for x, y in batches]
+        print(f"  loss curve {preset} {name} ({settings}): {losses[name][0]:.3f} -> {losses[name][-1]:.3f} "
+              f"over {steps} steps ({load()})", flush=True)
+    diffs = [abs(a - b) for a, b in zip(losses["default"], losses["eager fp32"], strict=True)]
+    return {"preset": preset, "batch": batch_size, "steps": steps, "losses": losses, "max_diff": max(diffs),
+            "fall": losses["eager fp32"][0] - losses["eager fp32"][-1]}
+
+
 # ----------------------------------------------------------------------------- pretokenize (the data pipeline)
 
 
@@ -220,6 +241,15 @@ def report(result: dict) -> None:
         print(f"| {r['preset']} | {r['batch']}×{r['seq']} | {t['eager fp32']:,.0f} | {t['default']:,.0f} | "
               f"{r['default_over_eager']:.2f}× | {r['settings']['default']} | {f['eager fp32']:.0f} / "
               f"{f['default']:.0f} | {r['max_loss_diff']:.2g} |")
+    if result.get("curve"):
+        c = result["curve"]
+        every = range(0, c["steps"], max(1, c["steps"] // 5))
+        print(f"\nLoss curve, {c['preset']} with 512 pieces, batch {c['batch']}, the same {c['steps']} batches of "
+              f"the synthetic corpus: the default differs from eager fp32 by at most {c['max_diff']:.3f}, while the "
+              f"loss falls by {c['fall']:.2f}\n")
+        print("| step | " + " | ".join(str(i) for i in every) + " | last |\n|---|" + "---:|" * (len(every) + 1))
+        for name, curve in c["losses"].items():
+            print(f"| {name} | " + " | ".join(f"{curve[i]:.3f}" for i in every) + f" | {curve[-1]:.3f} |")
     if result.get("pretokenize"):
         print("\nPretokenize (synthetic corpus, 4 shards x 2500 stories)\n")
         print("| tokenizer | workers | stories | seconds | stories/s |\n|---|---:|---:|---:|---:|")
@@ -234,6 +264,8 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=256, help="new tokens per sampling run (default 256)")
     p.add_argument("--rounds", type=int, default=None, help="sampling rounds (default 4, 2 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per mode (default 6, 3 with --quick)")
+    p.add_argument("--curve", type=int, default=0, metavar="STEPS",
+                   help="also compare the loss curves of eager fp32 and the default over STEPS steps (15M shape)")
     p.add_argument("--pretokenize", action="store_true", help="also time pretokenize at 1 and 2 workers")
     p.add_argument("--out", default=str(ROOT / "results" / "bench_torch.json"))
     a = p.parse_args(argv)
@@ -251,6 +283,8 @@ def main(argv=None) -> int:
     result["sampling"] = [bench_sampling(preset, a.tokens, rounds) for preset in sample_presets]
     train_runs = [("stories15M", 8)] if a.quick else [("stories15M", 8), ("stories110M", 2)]
     result["training"] = [bench_training(preset, batch, steps) for preset, batch in train_runs]
+    if a.curve:
+        result["curve"] = bench_curve("stories15M", 8, a.curve)
     if a.pretokenize:
         result["pretokenize"] = bench_pretokenize(1 if a.quick else 3)
     result["load_end"], result["total_s"] = load(), time.perf_counter() - t_start

@@ -62,11 +62,14 @@ class TrainConfig(ModelArgs):
     # system
     seed: int = 1337
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    dtype: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU), float32, bfloat16, float16
-    # torch.compile the model. auto: on for CPU runs of models of 10M+ parameters, off elsewhere. On a 2-core
-    # AVX2 CPU it gave 1.16-1.25x the tokens/s of eager at stories15M and ~1.2x at stories110M, the same losses,
-    # after a first step that compiles for 1.5-2 minutes, so it pays after a few hundred steps; small models
-    # (demo, the tests) finish before it pays. On CUDA it stays off unless set true (bench/bench_torch.py).
+    # auto: bf16 autocast on CUDA (fp16 where bf16 is missing); on the CPU, bf16 for models of 10M+ parameters
+    # where the CPU has native bf16 (AVX512-BF16 or AMX), else fp32. On a 2-core Xeon with AMX, compiled bf16
+    # trained 2.9x (15M) and 3.4x (110M) the tokens/s of eager fp32, against 1.5x / 1.4x compiled fp32, the
+    # losses within 1e-3; on small models (demo) bf16 gained nothing. float32, bfloat16, float16 force one.
+    dtype: str = "auto"
+    # torch.compile the model. auto: on for CPU runs of models of 10M+ parameters, off elsewhere: the first
+    # step compiles for 0.5-2 minutes, so it pays after a few hundred steps; small models (demo, the tests)
+    # finish before it pays. On CUDA it stays off unless set true (bench/bench_torch.py measures both).
     compile: bool | str = "auto"
     backend: str = "auto"  # DDP backend: auto (nccl on CUDA, gloo on CPU), nccl, gloo
     # logging

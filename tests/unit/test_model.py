@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import ModelArgs, Transformer, apply_rope, rope_tables, sample_next
+from model import ModelArgs, Transformer, apply_rope, rope_rotation, rope_tables, sample_next
 
 GQA_260K = dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4, max_seq_len=512)
 
@@ -41,7 +41,7 @@ def test_rope_rotates_adjacent_pairs():
     z = torch.view_as_complex(x.reshape(1, 7, 2, 4, 2))
     angle = torch.polar(torch.ones_like(cos), torch.atan2(sin, cos))[None, :, None, :]
     expected = torch.view_as_real(z * angle).flatten(-2)
-    assert torch.allclose(apply_rope(x, cos, sin), expected, atol=1e-6)
+    assert torch.allclose(apply_rope(x, *rope_rotation(cos, sin)), expected, atol=1e-6)
 
 
 def test_forward_returns_logits_and_loss():

@@ -4,6 +4,7 @@ learning-rate schedule's length, and what a resumed run may change."""
 import dataclasses
 
 import pytest
+import torch
 
 import train
 from configs import CONFIG_DIR, ConfigError, load_config, preset_path, presets
@@ -116,3 +117,20 @@ def test_shapes_compare_as_the_model_resolves_them():
     assert cfg.model_args().n_kv_heads == 4
     with pytest.raises(train.TrainError, match="n_kv_heads=4; resuming with n_kv_heads=2"):
         resume(ckpt, "--n_kv_heads=2")
+
+
+@pytest.mark.parametrize("n_params, native, want", [
+    (15_000_000, True, torch.bfloat16),  # big model, bf16 in hardware: autocast
+    (15_000_000, False, torch.float32),  # no native bf16: emulated bf16 is slower than fp32
+    (350_000, True, torch.float32),  # the demo's size: bf16 gains nothing
+])
+def test_auto_dtype_on_the_cpu(monkeypatch, n_params, native, want):
+    monkeypatch.setattr(train, "has_native_bf16", lambda: native)
+    assert train.resolve_dtype("auto", "cpu", n_params) == want
+    assert train.resolve_dtype("float32", "cpu", n_params) == torch.float32  # a set dtype is kept
+
+
+def test_native_bf16_answers_no_where_torch_cannot_tell(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert train.has_native_bf16() is False
