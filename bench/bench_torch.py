@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import tinystories  # noqa: E402
 import train  # noqa: E402
 from configs import load_config, model_preset  # noqa: E402
+from configs import n_params as count_params  # noqa: E402
 from model import Transformer  # noqa: E402
 
 THREADS = 2
@@ -181,9 +182,12 @@ def bench_curve(preset: str, batch_size: int, steps: int) -> dict:
         cfg = load_config(str(ROOT / "configs" / f"{preset}.toml"), ["--vocab_size=512"])
         loader = tinystories.BatchLoader("train", batch_size, cfg.max_seq_len, 512, tmp, seed=0)
         batches = [loader.next_batch() for _ in range(steps)]
+    n_params = count_params(model_preset(preset))  # the default's settings for the preset's size, not at 512 pieces
+    dtype = str(train.resolve_dtype("auto", "cpu", n_params)).removeprefix("torch.")
+    as_preset = [f"--dtype={dtype}", f"--compile={str(train.resolve_compile('auto', 'cpu', n_params)).lower()}"]
     losses = {}
     for name, default in (("eager fp32", False), ("default", True)):
-        step, settings, _ = make_step(preset, batch_size, default, ["--vocab_size=512"])
+        step, settings, _ = make_step(preset, batch_size, default, ["--vocab_size=512", *as_preset])
         losses[name] = [step(x, y) for x, y in batches]
         print(f"  loss curve {preset} {name} ({settings}): {losses[name][0]:.3f} -> {losses[name][-1]:.3f} "
               f"over {steps} steps ({load()})", flush=True)
@@ -245,7 +249,7 @@ def report(result: dict) -> None:
         c = result["curve"]
         every = range(0, c["steps"], max(1, c["steps"] // 5))
         print(f"\nLoss curve, {c['preset']} with 512 pieces, batch {c['batch']}, the same {c['steps']} batches of "
-              f"the synthetic corpus: the default differs from eager fp32 by at most {c['max_diff']:.3f}, while the "
+              f"the synthetic corpus: the default differs from eager fp32 by at most {c['max_diff']:.2g}, while the "
               f"loss falls by {c['fall']:.2f}\n")
         print("| step | " + " | ".join(str(i) for i in every) + " | last |\n|---|" + "---:|" * (len(every) + 1))
         for name, curve in c["losses"].items():

@@ -368,6 +368,12 @@ def test_sample_llama2c_sampler_flags(base, capsys, flag, value):
     one_line(lines, flag, "llama2c")
 
 
+def test_sample_compile_with_the_c_engine(base, capsys):
+    code, lines = run(sample.main, ["--checkpoint", base["bin"], "--ids", "--engine", "c", "--compile"], capsys)
+    assert code == 2
+    one_line(lines, "--compile", "c engine")
+
+
 @pytest.mark.parametrize("device", ["cuda", "cuda:3"])
 def test_sample_on_a_device_this_machine_lacks(base, capsys, monkeypatch, device):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -23,13 +23,13 @@ def greedy_ids(model, n):
     return model.generate(torch.tensor([[1]]), n, temperature=0.0)[0].tolist()
 
 
-@pytest.mark.parametrize("engine", ["torch", "c"])
+@pytest.mark.parametrize("engine", ["torch", "c", "torch --compile"])
 def test_greedy_ids_of_stories260K(engine):
-    """200 greedy steps from BOS: sample.py (either engine) prints model.generate's ids."""
+    """200 greedy steps from BOS: sample.py (either engine, compiled or not) prints model.generate's ids."""
     path = need(STORIES260K)
     expected = greedy_ids(Transformer.from_bin(str(path)), 200)
     r = sample("--checkpoint", path, "--ids", "--temperature", 0, "--max_new_tokens", 200, "--no_stop",
-               "--engine", engine)
+               "--engine", *engine.split())
     assert r.returncode == 0, r.stderr
     assert list(map(int, r.stdout.split())) == expected
 
