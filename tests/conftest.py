@@ -58,15 +58,14 @@ def synthetic_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_model(synthetic_data, tmp_path_factory) -> Path:
-    """out/model.bin (v0) of a 2-layer model trained to a low loss; tokenizer at synthetic_data/tok512.*"""
+    """out/model.bin (v0) of the demo preset's model (make demo's), trained for half its
+    iterations to a low loss; tokenizer at synthetic_data/tok512.*"""
     import train
-    from configs import load_config
+    from configs import DEFAULT_PRESET, load_config, preset_path
 
     def make(out):
-        cfg = load_config(None, [
-            "--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--vocab_size=512", "--multiple_of=16",
-            "--max_seq_len=256", "--batch_size=8", "--gradient_accumulation_steps=1", "--learning_rate=5e-3",
-            "--warmup_iters=20", "--max_iters=400", "--eval_iters=0", "--log_interval=100", "--export_bin=true",
+        cfg = load_config(preset_path(DEFAULT_PRESET), [
+            "--max_iters=400", "--eval_iters=0", "--log_interval=100", "--export_bin=true",
             f"--data_dir={synthetic_data}", f"--out_dir={out}",
         ])
         result = train.train(cfg)

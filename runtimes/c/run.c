@@ -9,6 +9,16 @@
  *
  * Build with -DRUN_LIBRARY to drop main() (librun.so, used by runtime.py). */
 
+/* The same bits from every build (docs/formats.md, "Arithmetic"), -Ofast ones
+ * too: no fused multiply-adds, no reordered sums, no reciprocals for divisions.
+ * Before the headers, so their inline functions are compiled the same way. */
+#if defined(__clang__)
+#pragma float_control(precise, on)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("no-fast-math", "fp-contract=off")
+#endif
+
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -36,8 +46,8 @@ static int omp_get_max_threads(void) { return 1; }
 #if defined(__x86_64__) || defined(__AVX2__)
 #include <immintrin.h> /* the kernels, and copy_checking's AVX2 part in every x86-64 build */
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
-#define HAVE_AVX2 1 /* the matmul kernels' shape: AVX2 and AVX-512 CPUs alike */
+#if defined(__AVX2__) && defined(__F16C__)
+#define HAVE_AVX2 1 /* the kernels' shape: AVX2 and AVX-512 CPUs alike */
 #endif
 
 /* ------------------------------------------------------------------ utilities */
@@ -60,6 +70,7 @@ static double rd_f64(const unsigned char *p) { double v; memcpy(&v, p, 8); retur
 static uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static uint64_t d2u(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
+static double u2d(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
 
 /* NaN and infinity are judged on the bits (exponent all ones), since -Ofast lets the
  * compiler assume that no value is either and drop a float test: bit 31 of (exponent + 1)
@@ -543,15 +554,15 @@ static int check_finite(Transformer *t, const char *name) {
 
 /* RoPE table, computed the way PyTorch does (fp32 frequencies and angles) so
  * logits match model.py closely: pair (i, i+1) of each head turns by
- * pos / theta^(i/hs). The default theta is spelt as a constant: -Ofast turns
- * powf of a constant base into expf, which rounds differently, and the
- * default's table keeps the bits it has always had. */
+ * pos / theta^(i/hs). theta^e is taken in double and rounded once to float,
+ * so C libraries that differ in a double's last bit (glibc, Zig's) still
+ * agree on the float but in about one case in 2^29. */
 static void rope_table(RunState *s, int S, int hs, double theta) {
     const float th = (float)theta;
     for (int pos = 0; pos < S; pos++)
         for (int i = 0; i < hs; i += 2) {
             const float e = (float)i / (float)hs;
-            float freq = theta == DEFAULT_ROPE_THETA ? 1.0f / powf(10000.0f, e) : 1.0f / powf(th, e);
+            const float freq = 1.0f / (float)pow((double)th, (double)e);
             float angle = (float)pos * freq;
             s->rope_cos[(size_t)pos * (hs / 2) + i / 2] = (float)cos((double)angle);
             s->rope_sin[(size_t)pos * (hs / 2) + i / 2] = (float)sin((double)angle);
@@ -721,26 +732,116 @@ static void close_model(Transformer *t) {
 
 /* ------------------------------------------------------------------ forward pass */
 
+/* Every build computes the same bits (docs/formats.md, "Arithmetic"): each sum
+ * has one order, whatever the vector width or thread count. Sums of n terms go
+ * into 16 lanes (term j into lane j % 16) for the first n - n % 16 terms, the
+ * lanes fold as l + l+8, l + l+4, l + l+2, l + l+1, and the tail adds on in
+ * order. V16 is those 16 lanes: one AVX-512 vector, two AVX2 ones, or an array
+ * the compiler vectorises at whatever width the target has. */
+#if defined(__AVX512F__)
+typedef __m512 V16;
+static inline V16 v16_zero(void) { return _mm512_setzero_ps(); }
+static inline V16 v16_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline V16 v16_load_f16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline V16 v16_add(V16 a, V16 b) { return _mm512_add_ps(a, b); }
+static inline V16 v16_mul(V16 a, V16 b) { return _mm512_mul_ps(a, b); }
+#elif defined(HAVE_AVX2)
+typedef struct { __m256 lo, hi; } V16;
+static inline V16 v16_zero(void) { return (V16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+static inline V16 v16_load(const float *p) { return (V16){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+static inline V16 v16_load_f16(const uint16_t *p) {
+    return (V16){_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p + 1))};
+}
+static inline V16 v16_add(V16 a, V16 b) { return (V16){_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+static inline V16 v16_mul(V16 a, V16 b) { return (V16){_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+#else
+typedef struct { float l[16]; } V16;
+static inline V16 v16_zero(void) { return (V16){{0}}; }
+static inline V16 v16_load(const float *p) { V16 v; memcpy(v.l, p, sizeof v.l); return v; }
+static inline float from_f16(uint16_t h);
+static inline V16 v16_load_f16(const uint16_t *p) { V16 v; for (int i = 0; i < 16; i++) v.l[i] = from_f16(p[i]); return v; }
+static inline V16 v16_add(V16 a, V16 b) { for (int i = 0; i < 16; i++) a.l[i] += b.l[i]; return a; }
+static inline V16 v16_mul(V16 a, V16 b) { for (int i = 0; i < 16; i++) a.l[i] *= b.l[i]; return a; }
+#endif
+
+/* 8 lanes folded as l + l+4, l + l+2, l + l+1 */
+static inline float fold8(const float *l) { return (l[0] + l[4] + (l[2] + l[6])) + (l[1] + l[5] + (l[3] + l[7])); }
+
+#ifdef HAVE_AVX2
+static inline float hsum256(__m256 v) { /* fold8 on a vector */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+static inline float v16_fold(V16 v) {
+#if defined(__AVX512F__)
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
+#elif defined(HAVE_AVX2)
+    return hsum256(_mm256_add_ps(v.lo, v.hi));
+#else
+    float l[8];
+    for (int i = 0; i < 8; i++) l[i] = v.l[i] + v.l[i + 8];
+    return fold8(l);
+#endif
+}
+
+/* a · b in the order above (products rounded, then added: no fused multiply-add) */
+static inline float dot16(const float *a, const float *b, int n) {
+    V16 acc = v16_zero();
+    int j = 0;
+    for (; j + 16 <= n; j += 16) acc = v16_add(acc, v16_mul(v16_load(a + j), v16_load(b + j)));
+    float sum = v16_fold(acc);
+    for (; j < n; j++) sum += a[j] * b[j];
+    return sum;
+}
+
+/* the sum of x, in the same order */
+static float sum16(const float *x, int n) {
+    V16 acc = v16_zero();
+    int j = 0;
+    for (; j + 16 <= n; j += 16) acc = v16_add(acc, v16_load(x + j));
+    float sum = v16_fold(acc);
+    for (; j < n; j++) sum += x[j];
+    return sum;
+}
+
 static void rmsnorm(float *o, const float *x, const float *w, int n, float eps) {
-    float ss = 0.0f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
-    ss = 1.0f / sqrtf(ss / n + eps);
+    const float ss = 1.0f / sqrtf(dot16(x, x, n) / (float)n + eps);
     for (int i = 0; i < n; i++) o[i] = w[i] * (ss * x[i]);
+}
+
+/* e^x from a polynomial of our own, so that no C library's expf (or vectorised
+ * libmvec one) can change a bit: 2^k e^r with k = floor(x / ln 2 + 1/2), r =
+ * x - k ln 2 (ln 2 in two parts), Cephes' degree-6 polynomial for e^r, about
+ * 1 ulp. x is clamped to [-87, 88], where 2^k stays a normal float. */
+static inline float exp_fixed(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float k = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    return (p * (r * r) + (r + 1.0f)) * u2f((uint32_t)((int32_t)k + 127) << 23);
 }
 
 static void softmax(float *x, int n) {
     float mx = x[0];
     for (int i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
-    float sum = 0.0f;
-    /* clamped above exp's underflow, where the vectorised expf would fall
-     * back to scalar code (flat, wide logits of random weights: 5x slower) */
-    for (int i = 0; i < n; i++) { x[i] = expf(fmaxf(x[i] - mx, -87.0f)); sum += x[i]; }
-    float inv = 1.0f / sum;
+    for (int i = 0; i < n; i++) x[i] = exp_fixed(x[i] - mx);
+    const float inv = 1.0f / sum16(x, n);
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
 /* Symmetric Q8_0 quantization of a matmul input, once per input: all rows
- * (and all threads) share the quantized vector. */
+ * (and all threads) share the quantized vector. lrintf rounds half to even. */
 static void quantize(int8_t *q, float *s, const float *x, int n, int gs) {
     for (int g = 0; g < n / gs; g++) {
         const float *xg = x + (size_t)g * gs;
@@ -753,12 +854,6 @@ static void quantize(int8_t *q, float *s, const float *x, int n, int gs) {
 }
 
 #ifdef HAVE_AVX2
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 /* d += the sums of four products of unsigned bytes a and signed bytes b per
  * 32-bit lane: one vpdpbusd where the CPU has VNNI (AVX-VNNI, or AVX-512 VNNI
  * on 256-bit vectors), else pmaddubsw + pmaddwd, whose pair sums stay below
@@ -776,7 +871,8 @@ static inline __m256i dot_u8s8(__m256i d, __m256i a, __m256i b) {
 /* int8 dot products for group sizes that are multiples of 32, R rows sharing
  * each load of x: rows r, r + rs, r + 2 rs, ... (R streams), each prefetched
  * `ahead` rows on. The byte products take |x| as the unsigned side and move
- * x's sign onto w (sign_epi8). */
+ * x's sign onto w (sign_epi8). Lane l of d holds bytes 4l..4l+3 of every 32:
+ * q8_row's lanes. */
 static inline __attribute__((always_inline)) void
 q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, const float *ws,
             int n, int gs, int r, const int R, int rs, int ahead) {
@@ -806,74 +902,68 @@ q_rows_avx2(float *out, const int8_t *xq, const float *xs, const int8_t *wq, con
             }
         }
         for (int k = 0; k < R; k++)
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[k]), _mm256_set1_ps(sc[k][g] * xs[g]), acc[k]);
+            acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(_mm256_cvtepi32_ps(d[k]), _mm256_set1_ps(sc[k][g] * xs[g])));
     }
     for (int k = 0; k < R; k++) out[r + k * rs] = hsum256(acc[k]);
 }
 #endif
+
+/* One int8 row · x, the order every build keeps: per group, eight exact integer
+ * sums (byte j of the group into lane (j % 32) / 4); lane l of the float sums
+ * gains sum_l * (w_scale * x_scale); the eight fold as fold8. */
+static float q8_row(const int8_t *xq, const float *xs, const int8_t *wr, const float *sr, int n, int gs) {
+    float acc[8] = {0};
+    for (int g = 0; g < n / gs; g++) {
+        const int8_t *xg = xq + (size_t)g * gs, *wg = wr + (size_t)g * gs;
+        int32_t d[8] = {0};
+        if (gs % 32 == 0) {
+            for (int j = 0; j < gs; j += 32)
+                for (int l = 0; l < 8; l++)
+                    for (int b = 0; b < 4; b++) d[l] += (int32_t)xg[j + 4 * l + b] * wg[j + 4 * l + b];
+        } else {
+            for (int j = 0; j < gs; j++) d[(j >> 2) & 7] += (int32_t)xg[j] * wg[j];
+        }
+        const float s = sr[g] * xs[g];
+        for (int l = 0; l < 8; l++) acc[l] += (float)d[l] * s;
+    }
+    return fold8(acc);
+}
 
 /* fp32 rows [r0, r1) of out = W x, W is (rows × n). The loop is memory-bound,
  * so its shape is about streaming W. */
 static void matmul_f32(float *out, const float *x, const float *w, int n, int r0, int r1) {
     int r = r0;
 #if defined(HAVE_AVX2)
-    /* Four streams: this thread's rows in four parts, walked side by side, two
-     * accumulators each. On an AMD EPYC (Zen 3) a core's DRAM bandwidth grows
-     * with the independent streams in flight: measured 1.34-1.53x one row at a
-     * time (15M-110M, 1 and 2 threads); eight streams were no faster, and
-     * software prefetch made one row at a time slower. On Zen 4 (AVX-512),
-     * against four adjacent rows of 512-bit vectors prefetched 8 rows ahead:
-     * 1.06-1.10x at 1 thread, 1.04-1.07x at 2. With AVX-512 each stream is one
-     * 16-lane accumulator, one load and fused multiply-add per cache line: the
-     * same sums (lanes 0-7 and 8-15 are the AVX2 code's two accumulators, added
-     * the same way), fewer instructions per line, so more lines in flight:
-     * 1.03-1.06x when the host's bandwidth is high (80+ GB/s), 1.00x when not. */
+    /* Four streams: this thread's rows in four parts, walked side by side, one
+     * V16 sum each. On an AMD EPYC (Zen 3) a core's DRAM bandwidth grows with
+     * the independent streams in flight: measured 1.34-1.53x one row at a time
+     * (15M-110M, 1 and 2 threads); eight streams were no faster, and software
+     * prefetch made one row at a time slower. On Zen 4 (AVX-512), against four
+     * adjacent rows prefetched 8 rows ahead: 1.04-1.10x. */
     const int q = (r1 - r0) / 4, nv = n & ~15;
     for (; r < r0 + q; r++) {
         const float *wr[4] = {w + (size_t)r * n, w + (size_t)(r + q) * n, w + (size_t)(r + 2 * q) * n,
                               w + (size_t)(r + 3 * q) * n};
-        float sum[4];
-#if defined(__AVX512F__)
-        __m512 a[4];
-        for (int k = 0; k < 4; k++) a[k] = _mm512_setzero_ps();
+        V16 a[4];
+        for (int k = 0; k < 4; k++) a[k] = v16_zero();
         for (int j = 0; j < nv; j += 16) {
-            const __m512 xv = _mm512_loadu_ps(x + j);
-            for (int k = 0; k < 4; k++) a[k] = _mm512_fmadd_ps(_mm512_loadu_ps(wr[k] + j), xv, a[k]);
+            const V16 xv = v16_load(x + j);
+            for (int k = 0; k < 4; k++) a[k] = v16_add(a[k], v16_mul(v16_load(wr[k] + j), xv));
         }
         for (int k = 0; k < 4; k++) {
-            const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[k]), 1));
-            sum[k] = hsum256(_mm256_add_ps(_mm512_castps512_ps256(a[k]), hi));
-        }
-#else
-        __m256 a[4][2];
-        for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = _mm256_setzero_ps();
-        for (int j = 0; j < nv; j += 16) {
-            __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
-            for (int k = 0; k < 4; k++) {
-                a[k][0] = _mm256_fmadd_ps(_mm256_loadu_ps(wr[k] + j), x0, a[k][0]);
-                a[k][1] = _mm256_fmadd_ps(_mm256_loadu_ps(wr[k] + j + 8), x1, a[k][1]);
-            }
-        }
-        for (int k = 0; k < 4; k++) sum[k] = hsum256(_mm256_add_ps(a[k][0], a[k][1]));
-#endif
-        for (int k = 0; k < 4; k++) {
-            for (int j = nv; j < n; j++) sum[k] += wr[k][j] * x[j];
-            out[r + k * q] = sum[k];
+            float sum = v16_fold(a[k]);
+            for (int j = nv; j < n; j++) sum += wr[k][j] * x[j];
+            out[r + k * q] = sum;
         }
     }
     r = r0 + 4 * q; /* the last (r1 - r0) % 4 rows: below */
 #endif
-    for (; r < r1; r++) {
-        const float *wr = w + (size_t)r * n;
-        float sum = 0.0f;
-        for (int j = 0; j < n; j++) sum += wr[j] * x[j];
-        out[r] = sum;
-    }
+    for (; r < r1; r++) out[r] = dot16(w + (size_t)r * n, x, n);
 }
 
 /* int8 rows [r0, r1) of out = W x, with x already quantized into (xq, xs). */
 static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Mat *m, int n, int r0, int r1) {
-    const int gs = m->gs;
+    const int gs = m->gs, ng = n / gs;
     int r = r0;
 #if defined(HAVE_AVX2)
     /* Four streams, each a quarter of our share, as fp32 does. Measured on an
@@ -891,19 +981,7 @@ static void matmul_q8(float *out, const int8_t *xq, const float *xs, const Mat *
         for (; r < r1; r++) q_rows_avx2(out, xq, xs, m->q, m->s, n, gs, r, 1, 1, 4);
     }
 #endif
-    /* portable path, any group size: integer dot per group (auto-vectorised) */
-    const int ng = n / gs;
-    for (; r < r1; r++) {
-        const int8_t *wr = m->q + (size_t)r * n;
-        const float *sr = m->s + (size_t)r * ng;
-        float sum = 0.0f;
-        for (int g = 0; g < ng; g++) {
-            int32_t isum = 0;
-            for (int j = 0; j < gs; j++) isum += (int32_t)xq[g * gs + j] * (int32_t)wr[g * gs + j];
-            sum += (float)isum * sr[g] * xs[g];
-        }
-        out[r] = sum;
-    }
+    for (; r < r1; r++) out[r] = q8_row(xq, xs, m->q + (size_t)r * n, m->s + (size_t)r * ng, n, gs);
 }
 
 /* Rows [r0, r1) of out = W in; int8 matrices read this thread's copy of in,
@@ -981,40 +1059,6 @@ static void add_projection(Scratch *sc, const double *cut, float *x, float *out,
     for (int i = a; i < b; i++) x[i] += out[i];
 }
 
-/* Attention's inner loops over one cached key or value (n = head size).
- * The software prefetch runs PF_KV positions ahead: the cache of earlier
- * positions has been pushed out to DRAM by the weights since. */
-#define PF_KV 8
-static inline float dot(const float *q, const float *k, int n) {
-#if defined(__AVX512F__)
-    if (n % 16 == 0) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < n; i += 16) {
-            _mm_prefetch((const char *)(k + PF_KV * n + i), _MM_HINT_T0);
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), _mm512_loadu_ps(k + i), acc);
-        }
-        return _mm512_reduce_add_ps(acc);
-    }
-#endif
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += q[i] * k[i];
-    return sum;
-}
-
-static inline void axpy(float *o, float a, const float *v, int n) {
-#if defined(__AVX512F__)
-    if (n % 16 == 0) {
-        const __m512 av = _mm512_set1_ps(a);
-        for (int i = 0; i < n; i += 16) {
-            _mm_prefetch((const char *)(v + PF_KV * n + i), _MM_HINT_T0);
-            _mm512_storeu_ps(o + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(v + i), _mm512_loadu_ps(o + i)));
-        }
-        return;
-    }
-#endif
-    for (int i = 0; i < n; i++) o[i] += a * v[i];
-}
-
 /* IEEE half precision (fp16) for the KV cache of int8 models, by bit
  * arithmetic so that every compiler and target (WebAssembly too) rounds alike.
  * to_f16 rounds to nearest even and saturates at +-65504 instead of overflowing
@@ -1046,28 +1090,38 @@ static inline float from_f16(uint16_t h) {
     return f;
 }
 
-/* q · k and o += a v for one cached key or value, fp32 or fp16 (kv_size 4, 2) */
+#define PF_KV 8
+
+/* q · k for one cached key, fp32 or fp16 (kv_size 4, 2), in dot16's order */
 static inline float dot_cached(const float *q, const void *k, int n, int kv_size) {
-    if (kv_size == 4) return dot(q, k, n);
+    if (kv_size == 4) return dot16(q, k, n);
     const uint16_t *kb = k;
-    float sum = 0.0f;
-    for (int i = 0; i < n; i++) sum += q[i] * from_f16(kb[i]);
+    V16 acc = v16_zero();
+    int j = 0;
+    for (; j + 16 <= n; j += 16) acc = v16_add(acc, v16_mul(v16_load(q + j), v16_load_f16(kb + j)));
+    float sum = v16_fold(acc);
+    for (; j < n; j++) sum += q[j] * from_f16(kb[j]);
     return sum;
 }
 
+/* o += a v for one cached value */
 static inline void axpy_cached(float *o, float a, const void *v, int n, int kv_size) {
-    if (kv_size == 4) { axpy(o, a, v, n); return; }
-    const uint16_t *vb = v;
-    for (int i = 0; i < n; i++) o[i] += a * from_f16(vb[i]);
+    if (kv_size == 4) {
+        const float *vf = v;
+        for (int i = 0; i < n; i++) o[i] += a * vf[i];
+    } else {
+        const uint16_t *vb = v;
+        for (int i = 0; i < n; i++) o[i] += a * from_f16(vb[i]);
+    }
 }
 
 /* o = sum over positions p < n of att[p] * (value at p), for one head whose
  * values lie `row` bytes apart; prefetches the line-aligned `pf` rows as it goes
  * (the next head's keys) unless pf is NULL. Element by element this is the same
- * chain of fused multiply-adds as axpy_cached from o = 0, so the results are
+ * chain of multiplies and adds as axpy_cached from o = 0, so the results are
  * the same bits; on AVX2 the head's sums stay in registers across positions
  * instead of a load and a store of o per position. */
-#if defined(HAVE_AVX2) && defined(__F16C__)
+#if defined(HAVE_AVX2)
 static inline __attribute__((always_inline)) void
 attend_values_avx2(float *o, const float *att, const char *v, size_t row, int n, int kv_size, const char *pf,
                    const int NV) {
@@ -1080,7 +1134,7 @@ attend_values_avx2(float *o, const float *att, const char *v, size_t row, int n,
         for (int j = 0; j < NV; j++) {
             const __m256 x = kv_size == 4 ? _mm256_loadu_ps((const float *)vp + 8 * j)
                                           : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)vp + j));
-            acc[j] = _mm256_fmadd_ps(a, x, acc[j]);
+            acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(a, x));
         }
     }
     for (int j = 0; j < NV; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
@@ -1089,7 +1143,7 @@ attend_values_avx2(float *o, const float *att, const char *v, size_t row, int n,
 
 static void attend_values(float *o, const float *att, const char *v, size_t row, int n, int hs, int kv_size,
                           const char *pf) {
-#if defined(HAVE_AVX2) && defined(__F16C__)
+#if defined(HAVE_AVX2)
     /* a constant vector count per head size keeps the sums in registers */
     switch (hs) {
     case 32: attend_values_avx2(o, att, v, row, n, kv_size, pf, 4); return;
@@ -1170,7 +1224,12 @@ static void forward_team(Transformer *t, int pos) {
             const int more = h + 1 < q1 / hs && (h + 1) / kvmul != h / kvmul;
             const char *kn = more ? kl + (size_t)((h + 1) / kvmul) * S * row : kh;
             for (int p = 0; p <= pos; p++) {
-                for (size_t i = 0; i < row; i += 64) __builtin_prefetch(vh + p * row + i);
+                /* the cache of earlier positions has been pushed out to DRAM
+                 * by the weights since: keys PF_KV positions on, and values */
+                for (size_t i = 0; i < row; i += 64) {
+                    __builtin_prefetch(kh + (p + PF_KV) * row + i);
+                    __builtin_prefetch(vh + p * row + i);
+                }
                 att[p] = dot_cached(qh, kh + p * row, hs, kvs) * scale;
             }
             softmax(att, pos + 1);
@@ -1182,16 +1241,12 @@ static void forward_team(Transformer *t, int pos) {
 #pragma omp barrier
         /* SwiGLU: silu(w1 x) * (w3 x), fused per thread on its own rows */
         in = norm_input(sc, s->x, w->rms_ffn + (size_t)l * D, D, gs, eps);
-        /* in blocks of 16: gcc vectorises the expf below (libmvec, up to 16
-         * lanes) from a, and a vector expf can round differently from the
-         * scalar one of the loop's tail; so a value's path must depend on its
-         * index only, not on where this thread's rows start */
         split(cut, H, 16, &a, &b);
         shared_matmul(sc, s->hb, &w->w1[l], in, D, a, b);
         shared_matmul(sc, s->hb2, &w->w3[l], in, D, a, b);
         for (int i = a; i < b; i++) {
             float v = s->hb[i];
-            s->hb[i] = v / (1.0f + expf(-v)) * s->hb2[i];
+            s->hb[i] = v / (1.0f + exp_fixed(-v)) * s->hb2[i];
         }
 #pragma omp barrier
         add_projection(sc, cut, s->x, s->xb2, &w->w2[l], s->hb, H, D);
@@ -1601,24 +1656,47 @@ static int argmax(const float *p, int n) {
     return best;
 }
 
-/* softmax in place as llama2.c computes it: the max, then expf(x - max) summed in order,
- * then a division by the sum; at -O3 these are llama2.c's probabilities bit for bit. (The
- * attention's softmax multiplies by 1 / sum instead.) Under -ffast-math, as in llama2.c's own
- * -Ofast builds, the compiler vectorises the sum; there the exponent is also clamped above
- * expf's underflow, where the vectorised expf falls back to scalar code (flat, wide logits of
- * random weights: 5x slower): the tokens it touches add nothing to the sum and are far below
- * any top-p candidate. */
+/* 2^(i/32) rounded to the nearest double, less i << 47 (adding k << 47 for
+ * k = 32q + i then gives 2^(k/32)) */
+static const uint64_t EXP2_32[32] = {
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51,
+    0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715, 0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d,
+    0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429, 0x3feea47eb03a5585,
+    0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+    0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
+    0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069,
+    0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540,
+};
+
+/* e^x for x <= 0 as glibc's expf computes it (llama2.c's probabilities), but in
+ * code of our own so every build has the same bits: in double, x·32/ln 2 = k + r
+ * with k rounded to an integer by adding 1.5·2^52; e^x = 2^(k/32) · 2^(r/32),
+ * the first from EXP2_32 with k div 32 added to its exponent, the second a cubic
+ * in r. Unfused: glibc fuses where the CPU has FMA, which changes one float in
+ * [-104, 0] (near e^-63.1, about 4e-28). Below -104 the result is 0. */
+static float exp_sampler(float x) {
+    const double xd = x < -104.0f ? -104.0 : (double)x, shift = 0x1.8p52, scale = 0x1.71547652b82fep+5;
+    double kd = scale * xd + shift;
+    const uint64_t ki = d2u(kd); /* k in the low bits */
+    kd -= shift;
+    const double r = scale * xd - kd;
+    const double s = u2d(EXP2_32[ki % 32] + (ki << 47));
+    const double z = r * 0x1.c6af84b912394p-20 + 0x1.ebfce50fac4f3p-13;
+    const double y = z * (r * r) + (r * 0x1.62e42ff0c52d6p-6 + 1.0);
+    return (float)(y * s);
+}
+
+/* softmax in place as llama2.c computes it: the max, then e^(x - max) summed in order,
+ * then a division by the sum: llama2.c's probabilities bit for bit. (The attention's
+ * softmax multiplies by 1 / sum instead.) */
 static void sampler_softmax(float *x, int n) {
     float mx = x[0];
     for (int i = 1; i < n; i++)
         if (x[i] > mx) mx = x[i];
     float sum = 0.0f;
     for (int i = 0; i < n; i++) {
-#ifdef __FAST_MATH__
-        x[i] = expf(fmaxf(x[i] - mx, -87.0f));
-#else
-        x[i] = expf(x[i] - mx);
-#endif
+        x[i] = exp_sampler(x[i] - mx);
         sum += x[i];
     }
     for (int i = 0; i < n; i++) x[i] /= sum;
@@ -2021,6 +2099,19 @@ static void usage(FILE *f) {
             "  -y <string> (optional) system prompt in chat mode\n");
 }
 
+/* -Ofast links start-up code that flushes subnormal floats to zero; turn that
+ * off (OpenMP's threads, started later, inherit it) so these builds compute
+ * what every other build does. */
+static void keep_subnormals(void) {
+#if defined(__x86_64__)
+    _mm_setcsr(_mm_getcsr() & ~0x8040u); /* FTZ and DAZ */
+#elif defined(__aarch64__)
+    uint64_t fpcr;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(fpcr));
+    __asm__ volatile("msr fpcr, %0" : : "r"(fpcr & ~(1ull << 24))); /* FZ */
+#endif
+}
+
 static void die(const char *msg) {
     fprintf(stderr, "run: %s\n", msg);
     exit(1);
@@ -2133,6 +2224,7 @@ int main(int argc, char **argv) {
     unsigned long long seed = 0;
     int negative, steps_negative = 0;
     uint64_t magnitude, steps = 256;
+    keep_subnormals();
     if (argc < 2) { usage(stderr); return 1; }
     if (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help")) { usage(stdout); return 0; }
     if (argv[1][0] == '-') {

@@ -686,7 +686,10 @@ const State = struct {
         for (0..c.seq_len) |pos| {
             var i: usize = 0;
             while (i < hs) : (i += 2) {
-                const freq = 1.0 / std.math.pow(f32, theta, @as(f32, @floatFromInt(i)) / @as(f32, @floatFromInt(hs)));
+                // theta^e in f64, rounded once to f32 (as run.c: libraries that
+                // differ in an f64's last bit still agree on the f32)
+                const e = @as(f32, @floatFromInt(i)) / @as(f32, @floatFromInt(hs));
+                const freq = 1.0 / @as(f32, @floatCast(std.math.pow(f64, theta, e)));
                 const angle: f64 = @as(f32, @floatFromInt(pos)) * freq;
                 s.rope_cos[pos * (hs / 2) + i / 2] = @floatCast(@cos(angle));
                 s.rope_sin[pos * (hs / 2) + i / 2] = @floatCast(@sin(angle));
@@ -703,46 +706,61 @@ const State = struct {
 
 // ------------------------------------------------------------------ forward pass: kernels
 
+// Every build computes the same bits (docs/formats.md, "Arithmetic"), as run.c:
+// no fused multiply-adds (Zig fuses only where asked), and one order for each
+// sum whatever the vector width. Sums of n terms go into 16 lanes (term j into
+// lane j % 16) for the first n - n % 16 terms, the lanes fold as l + l+8,
+// l + l+4, l + l+2, l + l+1, and the tail adds on in order. A V16 is those
+// lanes on every target: LLVM splits it into the vectors the CPU has, lane
+// for lane.
+
 const f32_lanes = std.simd.suggestVectorLength(f32) orelse 4;
 const F32s = @Vector(f32_lanes, f32);
-const has_fma = switch (builtin.cpu.arch) {
-    .x86_64 => std.Target.x86.featureSetHas(builtin.cpu.features, .fma),
-    .aarch64 => true,
-    else => false, // wasm: no fused multiply-add in SIMD128, @mulAdd would be a libcall
-};
-
-/// a * b + acc, fused where the CPU has FMA; for any vector type V.
-inline fn mulAddV(comptime V: type, a: V, b: V, acc: V) V {
-    return if (has_fma) @mulAdd(V, a, b, acc) else a * b + acc;
-}
-
-inline fn mulAdd(a: F32s, b: F32s, acc: F32s) F32s {
-    return mulAddV(F32s, a, b, acc);
-}
+const V16 = @Vector(16, f32);
+const F32x8 = @Vector(8, f32);
 
 inline fn load(s: []const f32, i: usize) F32s {
     return s[i..][0..f32_lanes].*;
 }
 
-/// Four accumulators: a whole cache line per pass, and four add chains.
+inline fn load16(s: []const f32, i: usize) V16 {
+    return s[i..][0..16].*;
+}
+
+/// Lane l plus lane l + n/2: one fold step.
+inline fn foldHalves(comptime n: usize, v: @Vector(n, f32)) @Vector(n / 2, f32) {
+    const lo = comptime std.simd.iota(i32, n / 2);
+    const hi = comptime lo + @as(@Vector(n / 2, i32), @splat(n / 2));
+    return @shuffle(f32, v, undefined, lo) + @shuffle(f32, v, undefined, hi);
+}
+
+fn fold8(v: F32x8) f32 {
+    const two = foldHalves(4, foldHalves(8, v));
+    return two[0] + two[1];
+}
+
+fn fold16(v: V16) f32 {
+    return fold8(foldHalves(16, v));
+}
+
+/// a · b in the order above
 fn dot(a: []const f32, b: []const f32) f32 {
-    var acc: [4]F32s = @splat(@splat(0));
+    var acc: V16 = @splat(0);
     var i: usize = 0;
-    while (i + 4 * f32_lanes <= a.len) : (i += 4 * f32_lanes) {
-        inline for (&acc, 0..) |*s, k| s.* = mulAdd(load(a, i + k * f32_lanes), load(b, i + k * f32_lanes), s.*);
-    }
-    while (i + f32_lanes <= a.len) : (i += f32_lanes) acc[0] = mulAdd(load(a, i), load(b, i), acc[0]);
-    var sum = @reduce(.Add, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+    while (i + 16 <= a.len) : (i += 16) acc += load16(a, i) * load16(b, i);
+    var sum = fold16(acc);
     while (i < a.len) : (i += 1) sum += a[i] * b[i];
     return sum;
 }
 
-/// out += a * v
-fn axpy(out: []f32, a: f32, v: []const f32) void {
-    const av: F32s = @splat(a);
+/// The sum of x in the order above.
+fn sum16(x: []const f32) f32 {
+    var acc: V16 = @splat(0);
     var i: usize = 0;
-    while (i + f32_lanes <= out.len) : (i += f32_lanes) out[i..][0..f32_lanes].* = mulAdd(av, load(v, i), load(out, i));
-    while (i < out.len) : (i += 1) out[i] += a * v[i];
+    while (i + 16 <= x.len) : (i += 16) acc += load16(x, i);
+    var sum = fold16(acc);
+    while (i < x.len) : (i += 1) sum += x[i];
+    return sum;
 }
 
 /// IEEE half precision (fp16) for the KV cache of int8 models, by bit
@@ -761,14 +779,13 @@ fn toF16(f: f32) u16 {
     return @intCast(sign | (u >> 13));
 }
 
-const U32s = @Vector(f32_lanes, u32);
-
-/// f32_lanes halves from s[i..] as floats: exact for every finite half.
-inline fn loadF16(s: []const u16, i: usize) F32s {
-    const h: U32s = @intCast(@as(@Vector(f32_lanes, u16), s[i..][0..f32_lanes].*));
-    const mag: F32s = @bitCast((h & @as(U32s, @splat(0x7fff))) << @splat(13));
-    const f: U32s = @bitCast(mag * @as(F32s, @splat(0x1p112))); // rebias 15 -> 127
-    return @bitCast(f | ((h & @as(U32s, @splat(0x8000))) << @splat(16)));
+/// n halves from s[i..] as floats: exact for every finite half.
+inline fn loadF16(comptime n: usize, s: []const u16, i: usize) @Vector(n, f32) {
+    const U = @Vector(n, u32);
+    const h: U = @intCast(@as(@Vector(n, u16), s[i..][0..n].*));
+    const mag: @Vector(n, f32) = @bitCast((h & @as(U, @splat(0x7fff))) << @splat(13));
+    const f: U = @bitCast(mag * @as(@Vector(n, f32), @splat(0x1p112))); // rebias 15 -> 127
+    return @bitCast(f | ((h & @as(U, @splat(0x8000))) << @splat(16)));
 }
 
 fn fromF16(h: u16) f32 {
@@ -777,48 +794,48 @@ fn fromF16(h: u16) f32 {
     return @bitCast(f | (@as(u32, h & 0x8000) << 16));
 }
 
-/// dot and axpy over one cached key or value, fp32 or fp16
+/// q · k for one cached key, fp32 or fp16, in dot's order
 inline fn dotCached(comptime T: type, q: []const f32, k: []const T) f32 {
     if (T == f32) return dot(q, k);
-    var acc: F32s = @splat(0);
+    var acc: V16 = @splat(0);
     var i: usize = 0;
-    while (i + f32_lanes <= k.len) : (i += f32_lanes) acc = mulAdd(load(q, i), loadF16(k, i), acc);
-    var sum = @reduce(.Add, acc);
+    while (i + 16 <= k.len) : (i += 16) acc += load16(q, i) * loadF16(16, k, i);
+    var sum = fold16(acc);
     while (i < k.len) : (i += 1) sum += q[i] * fromF16(k[i]);
     return sum;
 }
 
+/// out += a * v for one cached value (each element on its own: any width)
 inline fn axpyCached(comptime T: type, out: []f32, a: f32, v: []const T) void {
-    if (T == f32) return axpy(out, a, v);
     const av: F32s = @splat(a);
     var i: usize = 0;
-    while (i + f32_lanes <= out.len) : (i += f32_lanes) out[i..][0..f32_lanes].* = mulAdd(av, loadF16(v, i), load(out, i));
-    while (i < out.len) : (i += 1) out[i] += a * fromF16(v[i]);
+    while (i + f32_lanes <= out.len) : (i += f32_lanes) {
+        const x = if (T == f32) load(v, i) else loadF16(f32_lanes, v, i);
+        out[i..][0..f32_lanes].* = load(out, i) + av * x;
+    }
+    while (i < out.len) : (i += 1) out[i] += a * (if (T == f32) v[i] else fromF16(v[i]));
 }
 
 fn rmsnorm(out: []f32, x: []const f32, w: []const f32, eps: f32) void {
-    var ss: f32 = 0;
-    for (x) |v| ss += v * v;
-    const inv = 1.0 / @sqrt(ss / @as(f32, @floatFromInt(x.len)) + eps);
+    const inv = 1.0 / @sqrt(dot(x, x) / @as(f32, @floatFromInt(x.len)) + eps);
     for (out, x, w) |*o, v, g| o.* = g * (inv * v);
 }
 
-/// exp on a vector: 2^n · e^r with n = round(x / ln 2), |r| <= ln 2 / 2, and
-/// Cephes' degree-6 polynomial for e^r (about 1 ulp). LLVM would call a
-/// scalar expf per lane instead (compiler_rt; under WebAssembly too), which
-/// cost more than the matmuls in softmax over a 32000-token vocabulary.
-/// Inputs are clamped to [-87, 88]: below, e^x underflows (2^n would be
-/// subnormal; as run.c, softmax then gives ~1e-38 instead of 0).
+/// e^x, as run.c's exp_fixed: 2^n · e^r with n = floor(x / ln 2 + 1/2),
+/// r = x - n ln 2 (ln 2 in two parts), and Cephes' degree-6 polynomial for
+/// e^r (about 1 ulp), unfused. In vectors: LLVM would call a scalar expf per
+/// lane instead (compiler_rt; under WebAssembly too), which cost more than the
+/// matmuls in softmax over a 32000-token vocabulary. Inputs are clamped to
+/// [-87, 88], where 2^n stays a normal float.
 fn expVec(x_in: F32s) F32s {
     const x = clampVec(x_in, -87.0, 88.0);
     const n = @floor(x * @as(F32s, @splat(1.44269504088896341)) + @as(F32s, @splat(0.5)));
-    // r = x - n ln 2, with ln 2 in two parts so r keeps its low bits
     var r = x - n * @as(F32s, @splat(0.693359375));
     r = r - n * @as(F32s, @splat(-2.12194440e-4));
     var p: F32s = @splat(1.9875691500e-4);
     inline for (.{ 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1 }) |c|
-        p = mulAdd(p, r, @splat(c));
-    const e_r = mulAdd(p, r * r, r + @as(F32s, @splat(1.0)));
+        p = p * r + @as(F32s, @splat(c));
+    const e_r = p * (r * r) + (r + @as(F32s, @splat(1.0)));
     const two_n: F32s = @bitCast((@as(@Vector(f32_lanes, i32), @intFromFloat(n)) + @as(@Vector(f32_lanes, i32), @splat(127))) << @splat(23));
     return e_r * two_n;
 }
@@ -853,19 +870,10 @@ fn largest(x: []const f32) f32 {
 fn softmax(x: []f32) void {
     const max = largest(x);
     const vm: F32s = @splat(max);
-    var vsum: F32s = @splat(0);
     var i: usize = 0;
-    while (i + f32_lanes <= x.len) : (i += f32_lanes) {
-        const e = expVec(load(x, i) - vm);
-        x[i..][0..f32_lanes].* = e;
-        vsum += e;
-    }
-    var sum = @reduce(.Add, vsum);
-    for (x[i..]) |*v| {
-        v.* = expScalar(v.* - max);
-        sum += v.*;
-    }
-    const inv: F32s = @splat(1.0 / sum);
+    while (i + f32_lanes <= x.len) : (i += f32_lanes) x[i..][0..f32_lanes].* = expVec(load(x, i) - vm);
+    for (x[i..]) |*v| v.* = expScalar(v.* - max);
+    const inv: F32s = @splat(1.0 / sum16(x));
     i = 0;
     while (i + f32_lanes <= x.len) : (i += f32_lanes) x[i..][0..f32_lanes].* = load(x, i) * inv;
     for (x[i..]) |*v| v.* *= inv[0];
@@ -913,76 +921,74 @@ fn quantize(q: []i8, scales: []f32, x: []const f32, gs: usize) void {
 /// parts, walked side by side: a core's DRAM bandwidth grows with the
 /// independent streams in flight). In run.c: 1.34-1.53x one row at a time on
 /// AMD Zen 3 (AVX2), 1.04-1.10x four adjacent rows with software prefetch on
-/// Zen 4 (AVX-512); under wasmtime too. On x86 the vectors are 8 lanes, two
-/// sums a row, as run.c's; with AVX-512 16 lanes: one load and fused
-/// multiply-add per cache line, so more lines in flight (run.c: 1.03-1.06x
-/// when the host's bandwidth is high).
-const has_avx512 = builtin.cpu.arch == .x86_64 and std.Target.x86.featureSetHas(builtin.cpu.features, .avx512f);
-const stream_lanes = if (has_avx512) 16 else if (builtin.cpu.arch == .x86_64) 8 else f32_lanes;
-const Stream = @Vector(stream_lanes, f32);
+/// Zen 4 (AVX-512). Under WebAssembly two: four V16 sums do not fit in
+/// wasmtime's registers.
+const f32_streams = if (builtin.cpu.arch.isWasm()) 2 else 4;
 
 /// fp32 rows [lo, hi) of out = W x (W is rows × x.len).
 fn matmulF32(out: []f32, x: []const f32, w: []const f32, lo: usize, hi: usize) void {
     const n = x.len;
-    const q = (hi - lo) / 4;
+    const q = (hi - lo) / f32_streams;
+    const vecs = n - n % 16;
     for (lo..lo + q) |r| {
-        const rows = [4][]const f32{ w[r * n ..][0..n], w[(r + q) * n ..][0..n], w[(r + 2 * q) * n ..][0..n], w[(r + 3 * q) * n ..][0..n] };
-        var acc: [4][2]Stream = @splat(@splat(@splat(0)));
+        var acc: [f32_streams]V16 = @splat(@splat(0));
         var j: usize = 0;
-        while (j + 2 * stream_lanes <= n) : (j += 2 * stream_lanes) {
-            const x0: Stream = x[j..][0..stream_lanes].*;
-            const x1: Stream = x[j + stream_lanes ..][0..stream_lanes].*;
-            inline for (&acc, rows) |*a, row| {
-                const w0: Stream = row[j..][0..stream_lanes].*;
-                const w1: Stream = row[j + stream_lanes ..][0..stream_lanes].*;
-                if (builtin.cpu.arch.isWasm()) {
-                    // One sum per row: wasmtime's code loads the whole loop body
-                    // first, and with eight sums kept three on the stack (+2-3%).
-                    a[0] += w0 * x0 + w1 * x1;
-                } else {
-                    a[0] = mulAddV(Stream, w0, x0, a[0]);
-                    a[1] = mulAddV(Stream, w1, x1, a[1]);
-                }
-            }
+        while (j < vecs) : (j += 16) {
+            const xv = load16(x, j);
+            inline for (&acc, 0..) |*a, k| a.* += load16(w, (r + k * q) * n + j) * xv;
         }
-        inline for (acc, rows, 0..) |a, row, k| {
-            var sum = @reduce(.Add, a[0] + a[1]);
-            for (row[j..], x[j..]) |wv, xv| sum += wv * xv;
+        inline for (acc, 0..) |a, k| {
+            var sum = fold16(a);
+            for (w[(r + k * q) * n + vecs ..][0 .. n - vecs], x[vecs..]) |wv, xv| sum += wv * xv;
             out[r + k * q] = sum;
         }
     }
-    for (lo + 4 * q..hi) |r| out[r] = dot(w[r * n ..][0..n], x);
-}
-
-const i8_lanes = 16;
-const I32s = @Vector(i8_lanes, i32);
-
-inline fn loadI8(s: []const i8, i: usize) I32s {
-    const v: @Vector(i8_lanes, i8) = s[i..][0..i8_lanes].*;
-    return v;
-}
-
-const I16s = @Vector(2 * i8_lanes, i16);
-/// Measured: faster on x86; slower under wasmtime (the shuffles stay shuffles).
-const pair_sums_pay = builtin.cpu.arch.isX86();
-
-inline fn loadI16(s: []const i8, i: usize) I16s {
-    const v: @Vector(2 * i8_lanes, i8) = s[i..][0 .. 2 * i8_lanes].*;
-    return v;
-}
-
-/// Products of int8 values fit in i16; summing adjacent pairs into i32 is the
-/// shape of x86's pmaddwd and wasm's i32x4.dot_i16x8_s, which LLVM picks.
-inline fn pairSums(p: I16s) I32s {
-    const two: I32s = @splat(2);
-    const even: I32s = @shuffle(i16, p, undefined, std.simd.iota(i32, i8_lanes) * two);
-    const odd: I32s = @shuffle(i16, p, undefined, std.simd.iota(i32, i8_lanes) * two + @as(I32s, @splat(1)));
-    return even + odd;
+    for (lo + f32_streams * q..hi) |r| out[r] = dot(w[r * n ..][0..n], x);
 }
 
 const I8x32 = @Vector(32, i8);
 const I32x8 = @Vector(8, i32);
-const F32x8 = @Vector(8, f32);
+
+/// One int8 row · x in the order every build keeps (run.c's q8_row): per
+/// group, eight exact integer sums (byte j of the group into lane
+/// (j % 32) / 4); lane l of eight float sums gains sum_l · (w_scale ·
+/// x_scale); they fold as fold8.
+fn q8Row(xq: []const i8, xs: []const f32, wr: []const i8, ws: []const f32, gs: usize) f32 {
+    var acc: F32x8 = @splat(0);
+    for (ws, xs, 0..) |w_scale, x_scale, g| {
+        const xg = xq[g * gs ..][0..gs];
+        const wg = wr[g * gs ..][0..gs];
+        const d = if (gs % 32 == 0) quadSums(xg, wg) else laneSums(xg, wg);
+        acc += @as(F32x8, @floatFromInt(d)) * @as(F32x8, @splat(w_scale * x_scale));
+    }
+    return fold8(acc);
+}
+
+/// The eight lane sums of a group whose size is a multiple of 32, in vectors:
+/// lane l takes the products of bytes 4l..4l+3 of every 32.
+fn quadSums(x: []const i8, w: []const i8) I32x8 {
+    const I32x32 = @Vector(32, i32);
+    var d: I32x8 = @splat(0);
+    var j: usize = 0;
+    while (j < x.len) : (j += 32) {
+        const xv: I8x32 = x[j..][0..32].*;
+        const wv: I8x32 = w[j..][0..32].*;
+        const p = @as(I32x32, xv) * @as(I32x32, wv);
+        inline for (0..4) |b| {
+            const lanes = comptime std.simd.iota(i32, 8) * @as(I32x8, @splat(4)) + @as(I32x8, @splat(b));
+            d += @shuffle(i32, p, undefined, lanes);
+        }
+    }
+    return d;
+}
+
+/// The eight lane sums of a group of any size, one byte at a time.
+fn laneSums(x: []const i8, w: []const i8) I32x8 {
+    var d: [8]i32 = @splat(0);
+    for (x, w, 0..) |a, b, j| d[(j >> 2) & 7] += @as(i32, a) * b;
+    return d;
+}
+
 /// vpdpbusd on 256-bit vectors (AVX-VNNI, or AVX-512 VNNI with VL): each i32
 /// lane of acc gains the sum of four products of an unsigned byte of a and a
 /// signed byte of b. LLVM picks the encoding the CPU has.
@@ -999,39 +1005,49 @@ const I32x4 = @Vector(4, i32);
 /// WebAssembly's i32x4.dot_i16x8_s: products of i16 lanes, adjacent pairs summed.
 extern fn @"llvm.wasm.dot"(a: I16x8, b: I16x8) I32x4;
 
-inline fn loadWidened(s: []const i8, i: usize) I16x8 {
-    const v: @Vector(8, i8) = s[i..][0..8].*;
-    return v; // one i16x8.load8x8_s
+/// 16 int8 values as two i16x8 vectors, bytes 0,1,4,5,8,9,12,13 and
+/// 2,3,6,7,10,11,14,15: dot_i16x8 of each pair sums adjacent bytes, so the two
+/// dots' lanes added hold bytes 4i..4i+3, the lanes of q8Row.
+inline fn loadPaired(s: []const i8, i: usize) [2]I16x8 {
+    const v: @Vector(16, i8) = s[i..][0..16].*;
+    const a: @Vector(8, i8) = @shuffle(i8, v, undefined, [8]i32{ 0, 1, 4, 5, 8, 9, 12, 13 });
+    const b: @Vector(8, i8) = @shuffle(i8, v, undefined, [8]i32{ 2, 3, 6, 7, 10, 11, 14, 15 });
+    return .{ a, b };
 }
 
-/// The int8 kernel for WebAssembly SIMD128: int8 values eight at a time,
-/// widened as they load and multiplied with dot_i16x8 (x86's pmaddwd); four
-/// streams (a quarter of the rows each, as the fp32 kernel) share each load
-/// of x: 1.6x four adjacent rows at 15M under wasmtime. Returns the first row
-/// not done.
+inline fn quadDot(x: [2]I16x8, w: [2]I16x8) I32x4 {
+    return @"llvm.wasm.dot"(x[0], w[0]) + @"llvm.wasm.dot"(x[1], w[1]);
+}
+
+/// The int8 kernel for WebAssembly SIMD128, for group sizes that are
+/// multiples of 16: four streams (a quarter of the rows each, as the fp32
+/// kernel) share each load of x: 1.6x four adjacent rows at 15M under
+/// wasmtime. Returns the first row not done.
 fn matmulQ8Simd128(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) usize {
     const n = xq.len;
     const ng = n / gs;
     const q = (hi - lo) / 4;
     for (lo..lo + q) |r| {
-        var acc: [4]F32s = @splat(@splat(0));
+        var acc: [4]F32x8 = @splat(@splat(0));
         for (0..ng) |g| {
-            var dots: [4]I32x4 = @splat(@splat(0));
+            var d: [4][2]I32x4 = @splat(@splat(@splat(0))); // lanes 0-3 and 4-7
             var j = g * gs;
-            while (j < (g + 1) * gs) : (j += 16) {
-                const xa = loadWidened(xq, j);
-                const xb = loadWidened(xq, j + 8);
-                inline for (&dots, 0..) |*d, k| {
-                    const row = wq[(r + k * q) * n + j ..];
-                    d.* += @"llvm.wasm.dot"(xa, loadWidened(row, 0)) + @"llvm.wasm.dot"(xb, loadWidened(row, 8));
+            const end = j + gs;
+            while (j < end) : (j += 32) {
+                const x0 = loadPaired(xq, j);
+                const x1 = if (j + 16 < end) loadPaired(xq, j + 16) else undefined;
+                inline for (&d, 0..) |*dk, k| {
+                    const row = (r + k * q) * n;
+                    dk[0] += quadDot(x0, loadPaired(wq, row + j));
+                    if (j + 16 < end) dk[1] += quadDot(x1, loadPaired(wq, row + j + 16));
                 }
             }
-            inline for (&acc, dots, 0..) |*a, d, k| {
-                const sc: F32s = @splat(ws[(r + k * q) * ng + g] * xs[g]);
-                a.* = mulAdd(@floatFromInt(d), sc, a.*);
+            inline for (&acc, d, 0..) |*a, dk, k| {
+                const di: I32x8 = @shuffle(i32, dk[0], dk[1], [8]i32{ 0, 1, 2, 3, -1, -2, -3, -4 });
+                a.* += @as(F32x8, @floatFromInt(di)) * @as(F32x8, @splat(ws[(r + k * q) * ng + g] * xs[g]));
             }
         }
-        inline for (acc, 0..) |a, k| out[r + k * q] = @reduce(.Add, a);
+        inline for (acc, 0..) |a, k| out[r + k * q] = fold8(a);
     }
     return lo + 4 * q;
 }
@@ -1050,8 +1066,8 @@ extern fn @"llvm.x86.avx2.psign.b"(a: I8x32, b: I8x32) I8x32;
 /// rows per pass share each load of x, rows r, r + stride, r + 2 stride,
 /// r + 3 stride (four streams), each prefetched `ahead` rows on. |x| is the
 /// unsigned side and x's sign moves onto w; without VNNI, the i16 pair sums
-/// stay below 2 * 127 * 127, so never saturate. `rows` is 4, or 1 for the
-/// last rows.
+/// stay below 2 * 127 * 127, so never saturate. Lane l of a dot holds bytes
+/// 4l..4l+3 of every 32: q8Row's lanes. `rows` is 4, or 1 for the last rows.
 fn q8RowsAvx2(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, r: usize, comptime rows: usize, stride: usize, ahead: usize) void {
     const n = xq.len;
     const ng = n / gs;
@@ -1086,14 +1102,13 @@ fn q8RowsAvx2(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: [
         }
         inline for (&acc, dots, 0..) |*a, d, k| {
             const sc: F32x8 = @splat(ws[(r + k * stride) * ng + g] * xs[g]);
-            a.* = @mulAdd(F32x8, @floatFromInt(d), sc, a.*);
+            a.* += @as(F32x8, @floatFromInt(d)) * sc;
         }
     }
-    inline for (acc, 0..) |a, k| out[r + k * stride] = @reduce(.Add, a);
+    inline for (acc, 0..) |a, k| out[r + k * stride] = fold8(a);
 }
 
-/// int8 rows [lo, hi) of out = W x with x already quantized to (xq, xs):
-/// exact integer dot products per group, scaled in fp32.
+/// int8 rows [lo, hi) of out = W x with x already quantized to (xq, xs).
 fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) void {
     const n = xq.len;
     const ng = n / gs;
@@ -1103,57 +1118,10 @@ fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []c
         while (r < lo + q) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 4, q, 4);
         r = lo + 4 * q;
         while (r < hi) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 1, 1, 4);
-    } else if (has_simd128 and f32_lanes == 4 and gs % 16 == 0) {
+    } else if (has_simd128 and gs % 16 == 0) {
         r = matmulQ8Simd128(out, xq, xs, wq, ws, gs, lo, hi);
-    } else if (gs % i8_lanes == 0) {
-        while (r + 4 <= hi) : (r += 4) {
-            var acc: [4]F32s = @splat(@splat(0));
-            for (0..ng) |g| {
-                var dots: [4]I32s = @splat(@splat(0));
-                var j = g * gs;
-                if (pair_sums_pay and gs % (2 * i8_lanes) == 0) {
-                    while (j < (g + 1) * gs) : (j += 2 * i8_lanes) {
-                        const xv = loadI16(xq, j);
-                        inline for (&dots, 0..) |*d, k| d.* += pairSums(xv * loadI16(wq, (r + k) * n + j));
-                    }
-                } else while (j < (g + 1) * gs) : (j += i8_lanes) {
-                    const xv = loadI8(xq, j);
-                    inline for (&dots, 0..) |*d, k| d.* += xv * loadI8(wq, (r + k) * n + j);
-                }
-                inline for (&acc, dots, 0..) |*a, d, k| {
-                    const s: F32s = @splat(ws[(r + k) * ng + g] * xs[g]);
-                    a.* = mulAdd(toF32s(d), s, a.*);
-                }
-            }
-            inline for (acc, 0..) |a, k| out[r + k] = @reduce(.Add, a);
-        }
     }
-    // any group size: an integer dot product per group
-    while (r < hi) : (r += 1) {
-        var sum: f32 = 0;
-        for (0..ng) |g| {
-            var isum: i32 = 0;
-            for (xq[g * gs ..][0..gs], wq[r * n + g * gs ..][0..gs]) |a, b| isum += @as(i32, a) * b;
-            sum += @as(f32, @floatFromInt(isum)) * ws[r * ng + g] * xs[g];
-        }
-        out[r] = sum;
-    }
-}
-
-/// The 16 integer lanes as f32_lanes floats: wider float vectors take them
-/// as they are; narrower ones (wasm SIMD128: 4) add the quarters first, exactly.
-inline fn toF32s(d: I32s) F32s {
-    comptime std.debug.assert(i8_lanes % f32_lanes == 0);
-    var sum: @Vector(f32_lanes, i32) = @splat(0);
-    inline for (0..i8_lanes / f32_lanes) |part| {
-        const lanes = comptime blk: {
-            var m: [f32_lanes]i32 = undefined;
-            for (&m, 0..) |*x, i| x.* = part * f32_lanes + i;
-            break :blk m;
-        };
-        sum += @shuffle(i32, d, undefined, lanes);
-    }
-    return @floatFromInt(sum);
+    while (r < hi) : (r += 1) out[r] = q8Row(xq, xs, wq[r * n ..][0..n], ws[r * ng ..][0..ng], gs);
 }
 
 // ------------------------------------------------------------------ forward pass: the jobs
@@ -1293,8 +1261,8 @@ fn attendValuesN(comptime T: type, comptime n: usize, o: []f32, att: []const f32
         const av: F32s = @splat(a);
         const row = values[p * n ..][0..n];
         inline for (0..nv) |j| {
-            const x = if (T == f32) load(row, j * f32_lanes) else loadF16(row, j * f32_lanes);
-            acc[j] = mulAdd(av, x, acc[j]);
+            const x = if (T == f32) load(row, j * f32_lanes) else loadF16(f32_lanes, row, j * f32_lanes);
+            acc[j] += av * x;
         }
     }
     inline for (0..nv) |j| o[j * f32_lanes ..][0..f32_lanes].* = acc[j];
@@ -1834,26 +1802,13 @@ fn probabilities(x: []f32) void {
 
 const f64_lanes = std.simd.suggestVectorLength(f64) orelse 2;
 
-/// glibc fuses expf's multiply-adds where the CPU has FMA and AVX2.
-const libc_fma = switch (builtin.cpu.arch) {
-    .x86_64 => std.Target.x86.featureSetHas(builtin.cpu.features, .fma) and
-        std.Target.x86.featureSetHas(builtin.cpu.features, .avx2),
-    .aarch64 => true,
-    else => false,
-};
-
-inline fn mulAddF64(comptime n: usize, a: @Vector(n, f64), b: @Vector(n, f64), c: @Vector(n, f64)) @Vector(n, f64) {
-    return if (libc_fma) @mulAdd(@Vector(n, f64), a, b, c) else a * b + c;
-}
-
 /// e^x for x <= 0 with the bits of glibc's expf (Linux's C library), so that
 /// the probabilities are run.c's: in double, x·32/ln 2 = k + r with k rounded
 /// to an integer by adding 1.5·2^52, and e^x = 2^(k/32) · 2^(r/32): the first
 /// from a table of 2^(i/32) for i = k mod 32 with k div 32 added to its
-/// exponent, the second a cubic in r. Fused multiply-adds as glibc's where it
-/// fuses; unfused (WebAssembly) it has glibc's unfused bits, which differ from
-/// the fused ones at one float in [-104, 0] (e^-63.1, about 4e-28). Below -104
-/// the result is 0, as glibc's.
+/// exponent, the second a cubic in r. Unfused on every target, as run.c's
+/// exp_sampler: glibc fuses where the CPU has FMA, which changes one float in
+/// [-104, 0] (e^-63.1, about 4e-28). Below -104 the result is 0, as glibc's.
 fn expLibc(comptime n: usize, x: @Vector(n, f32)) @Vector(n, f32) {
     const V = @Vector(n, f64);
     const U = @Vector(n, u64);
@@ -1861,16 +1816,15 @@ fn expLibc(comptime n: usize, x: @Vector(n, f32)) @Vector(n, f32) {
     const xd: V = @floatCast(@select(f32, x < low, low, x));
     const shift: V = @splat(0x1.8p52);
     const scale: V = @splat(0x1.71547652b82fep+5); // 32 / ln 2
-    var kd = mulAddF64(n, scale, xd, shift);
+    var kd = scale * xd + shift;
     const ki: U = @bitCast(kd); // k in the low bits
     kd -= shift;
-    const r = mulAddF64(n, scale, xd, -kd);
+    const r = scale * xd - kd;
     var t: U = undefined;
     inline for (0..n) |j| t[j] = exp2_table[@intCast(ki[j] % 32)];
     const s: V = @bitCast(t +% (ki << @splat(47)));
-    const z = mulAddF64(n, r, @splat(0x1.c6af84b912394p-20), @splat(0x1.ebfce50fac4f3p-13));
-    var y = mulAddF64(n, r, @splat(0x1.62e42ff0c52d6p-6), @splat(1.0));
-    y = mulAddF64(n, z, r * r, y);
+    const z = r * @as(V, @splat(0x1.c6af84b912394p-20)) + @as(V, @splat(0x1.ebfce50fac4f3p-13));
+    const y = z * (r * r) + (r * @as(V, @splat(0x1.62e42ff0c52d6p-6)) + @as(V, @splat(1.0)));
     return @floatCast(y * s);
 }
 
@@ -2727,7 +2681,7 @@ test "argmax: the first of equal maxima, a maximum in the tail, and 0 when all a
     try std.testing.expectEqual(@as(u32, 0), argmax(&nan));
 }
 
-test "expLibc: glibc's expf bits, fused (x86-64 with FMA and AVX2) or not (WebAssembly)" {
+test "expLibc: glibc's expf bits, unfused" {
     // expf's results printed by glibc 2.36 on x86-64, with and without its FMA variant
     const cases = [_][3]u32{
         .{ 0x00000000, 0x3f800000, 0x3f800000 }, // 0
@@ -2748,7 +2702,7 @@ test "expLibc: glibc's expf bits, fused (x86-64 with FMA and AVX2) or not (WebAs
     for (&xs, cases) |*x, c| x.* = @bitCast(c[0]);
     const ys: [cases.len]f32 = expLibc(cases.len, xs);
     for (cases, 0..) |c, i| {
-        const want = if (libc_fma) c[1] else c[2];
+        const want = c[2];
         try std.testing.expectEqual(want, @as(u32, @bitCast(ys[i])));
         try std.testing.expectEqual(want, @as(u32, @bitCast(expLibc(1, .{xs[i]})[0])));
     }
@@ -2894,7 +2848,7 @@ test "fp16 cache: every finite half converts back exactly, and toF16 rounds as @
         const want: f32 = half;
         const v: [f32_lanes]u16 = @splat(@intCast(h));
         try std.testing.expectEqual(@as(u32, @bitCast(want)), @as(u32, @bitCast(fromF16(@intCast(h)))));
-        try std.testing.expectEqual(@as(u32, @bitCast(want)), @as(u32, @bitCast(loadF16(&v, 0)[f32_lanes - 1])));
+        try std.testing.expectEqual(@as(u32, @bitCast(want)), @as(u32, @bitCast(loadF16(f32_lanes, &v, 0)[f32_lanes - 1])));
         try std.testing.expectEqual(@as(u16, @intCast(h)), toF16(want));
     }
     // float32 bit patterns from 2^-27 to 65504 (subnormal and normal halves, ties included)

@@ -38,8 +38,9 @@ class Work:
     """The working directory every runtime runs in (WASI sees only it). Paths in a command
     line are relative to it. Files made on first use are kept for the session."""
 
-    def __init__(self, path):
+    def __init__(self, path, request):
         self.path = path
+        self._request = request  # for session fixtures needed on first use
         self._ids = {}
 
     def c_ids(self, name, steps, **kw):
@@ -52,15 +53,6 @@ class Work:
     def __truediv__(self, name):
         return self.path / name
 
-    def c_logits(self, name, ids):
-        """The C library's logits after reading ids (the last position's)."""
-        import runtime
-
-        with runtime.Model(self.path / name) as m:
-            for pos, tok in enumerate(ids):
-                logits = m.forward(tok, pos)
-        return logits
-
     def fixture(self, src, name=None):
         """A copy of a ../shared fixture (skips the test when ../shared is absent)."""
         name = name or src.name
@@ -70,6 +62,22 @@ class Work:
 
     def stories260k(self):
         return self.fixture(STORIES260K)
+
+    def trained(self, name):
+        """stories260K or the session's trained_model (the demo preset), as is (fp32) or
+        converted to int8 (name ending _v2)."""
+        base = name.removesuffix("_v2")
+        src = STORIES260K if base == "stories260k" else self._request.getfixturevalue("trained_model")
+        path = self.path / f"{name}.bin"
+        if path.exists():
+            return path.name
+        if name.endswith("_v2"):
+            import export
+
+            export.write_v2(export.load_model_bin(models.need(src)), path)
+        else:
+            shutil.copy(models.need(src), path)
+        return path.name
 
     def random_model(self, name, version, gs, args):
         """A random_model and its id tokenizer (file names)."""
@@ -82,10 +90,10 @@ class Work:
 
 
 @pytest.fixture(scope="session")
-def work(tmp_path_factory):
+def work(tmp_path_factory, request):
     """TINY models (v0 with and without a shared classifier, v1, v2 with group size 64: w2
     straddles in halves), word tokenizers of 512 and 600 pieces, a 512-id tokenizer."""
-    w = Work(tmp_path_factory.mktemp("work"))
+    w = Work(tmp_path_factory.mktemp("work"), request)
     models.write_model(w / "v0.bin", models.TINY, version=0)
     models.write_model(w / "v0u.bin", models.TINY, version=0, shared=False)
     models.write_model(w / "v1.bin", models.TINY, version=1)

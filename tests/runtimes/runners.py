@@ -199,10 +199,13 @@ class Cli(Runtime):
 
     exe: str = ""  # a make target's output, relative to the project root
     own_file: str = ""  # or: a make target whose recipe writes ./run, built into a file of its own
+    march: str = ""  # builds own_file's recipe for this CPU instead of -march=native
     env: dict[str, str] = field(default_factory=dict)
     _path: Path | None = None  # own_file's build
 
     def build(self):
+        if self.march == "haswell" and "avx2" not in Path("/proc/cpuinfo").read_text():
+            pytest.skip(f"{self.name}: this CPU has no AVX2")
         super().build()
         if self.own_file:
             self._path = self.file_build().path()
@@ -214,6 +217,8 @@ class Cli(Runtime):
         assert len(recipe) == 1, recipe
         cmd = shlex.split(recipe[0])
         cmd[cmd.index("-o") + 1] = "{out}"
+        if self.march:
+            cmd[cmd.index("-march=native")] = f"-march={self.march}"
         return FileBuild(f"run-{self.name}", tuple(cmd), (ROOT / "runtimes" / "c" / "run.c",))
 
     @property
@@ -424,6 +429,10 @@ RUNTIMES = [
         targets=("run_san",), exe="run_san", env=SAN_ENV, slow=True, error_prefix=b"run: "),
     Cli("c-fast", "run.c, gcc -Ofast -march=native -fopenmp (make runomp's recipe)", own_file="runomp", slow=True,
         error_prefix=b"run: "),
+    Cli("c-ofast", "run.c, gcc -Ofast, portable x86-64 (make runfast's recipe)", own_file="runfast", slow=True,
+        error_prefix=b"run: "),
+    Cli("c-avx2", "run.c, make runomp's recipe for AVX2 CPUs (-march=haswell): 256-bit kernels, no VNNI",
+        own_file="runomp", march="haswell", slow=True, error_prefix=b"run: "),
     Cli("zig", "run.zig, ReleaseFast, native (make runzig)", targets=("runzig",), exe="runzig", slow=True,
         error_prefix=b"runzig: "),
     Wasi("wasi", "run.zig for wasm32-wasi with SIMD128 (make wasm), under wasmtime", targets=("run.wasm",),
