@@ -145,8 +145,8 @@ class Model(_Handle):
         rest goes, and generation goes on); prompt ids are forced, later ids sampled:
         greedy when temperature == 0, else softmax(logits / temperature) with
         top-p when 0 < topp < 1, drawn as llama2.c's run.c draws them: the seed
-        is its xorshift state, so `./run ... -s SEED` gives the same ids (up to
-        float rounding: the library is built with -Ofast). The same seed always
+        is its xorshift state, so `./run ... -s SEED` gives the same ids (every
+        build computes the same bits: docs/formats.md). The same seed always
         gives the same ids; 0, which run.c reads as "seed from the clock", is
         here a fixed state of its own. The
         returned list is prompt + generated (at most steps + 1 ids); generation

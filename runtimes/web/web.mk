@@ -8,7 +8,7 @@ WEB_PORT ?= 8000
 WEB_ZIG   = $(ZIG_DIR)/run_web.zig $(ZIG_DIR)/run.zig
 # threads in the browser: atomics, and a shared memory that JavaScript creates
 # (16 MiB to start, up to 4 GiB) and hands to every helper's instance
-ZIG_WASM_THREADS = -mcpu=generic+simd128+atomics+bulk_memory -fno-single-threaded \
+ZIG_WASM_THREADS = -mcpu=generic+simd128+relaxed_simd+atomics+bulk_memory -fno-single-threaded \
 	--import-memory --shared-memory --initial-memory=16777216 --max-memory=4294967296
 
 .PHONY: web web-build web-deps

@@ -727,20 +727,21 @@ inline fn load16(s: []const f32, i: usize) V16 {
     return s[i..][0..16].*;
 }
 
-/// Lane l plus lane l + n/2: one fold step.
-inline fn foldHalves(comptime n: usize, v: @Vector(n, f32)) @Vector(n / 2, f32) {
-    const lo = comptime std.simd.iota(i32, n / 2);
-    const hi = comptime lo + @as(@Vector(n / 2, i32), @splat(n / 2));
-    return @shuffle(f32, v, undefined, lo) + @shuffle(f32, v, undefined, hi);
-}
+const F32x4 = @Vector(4, f32);
 
+/// Eight lanes folded: l + l+4, l + l+2, l + l+1. In four-lane halves, as
+/// wide shuffles become lane-by-lane code under WebAssembly.
 fn fold8(v: F32x8) f32 {
-    const two = foldHalves(4, foldHalves(8, v));
-    return two[0] + two[1];
+    const q: [2]F32x4 = @bitCast(v);
+    const c = q[0] + q[1];
+    return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+/// Sixteen lanes folded: l + l+8, then as fold8.
 fn fold16(v: V16) f32 {
-    return fold8(foldHalves(16, v));
+    const q: [4]F32x4 = @bitCast(v);
+    const c = (q[0] + q[2]) + (q[1] + q[3]);
+    return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
 /// a · b in the order above
@@ -797,10 +798,14 @@ fn fromF16(h: u16) f32 {
 /// q · k for one cached key, fp32 or fp16, in dot's order
 inline fn dotCached(comptime T: type, q: []const f32, k: []const T) f32 {
     if (T == f32) return dot(q, k);
-    var acc: V16 = @splat(0);
+    // the 16 lanes as vectors of the CPU's width: a 16-wide conversion from
+    // halves is lane-by-lane code under WebAssembly
+    var acc: [16 / f32_lanes]F32s = @splat(@splat(0));
     var i: usize = 0;
-    while (i + 16 <= k.len) : (i += 16) acc += load16(q, i) * loadF16(16, k, i);
-    var sum = fold16(acc);
+    while (i + 16 <= k.len) : (i += 16) {
+        inline for (&acc, 0..) |*a, p| a.* += load(q, i + p * f32_lanes) * loadF16(f32_lanes, k, i + p * f32_lanes);
+    }
+    var sum = fold16(@bitCast(acc));
     while (i < k.len) : (i += 1) sum += q[i] * fromF16(k[i]);
     return sum;
 }
@@ -821,15 +826,16 @@ fn rmsnorm(out: []f32, x: []const f32, w: []const f32, eps: f32) void {
     for (out, x, w) |*o, v, g| o.* = g * (inv * v);
 }
 
-/// e^x, as run.c's exp_fixed: 2^n · e^r with n = floor(x / ln 2 + 1/2),
-/// r = x - n ln 2 (ln 2 in two parts), and Cephes' degree-6 polynomial for
+/// e^x, as run.c's exp_fixed: 2^n · e^r with n = x / ln 2 rounded to an
+/// integer, r = x - n ln 2 (ln 2 in two parts), and Cephes' degree-6 polynomial for
 /// e^r (about 1 ulp), unfused. In vectors: LLVM would call a scalar expf per
 /// lane instead (compiler_rt; under WebAssembly too), which cost more than the
 /// matmuls in softmax over a 32000-token vocabulary. Inputs are clamped to
 /// [-87, 88], where 2^n stays a normal float.
 fn expVec(x_in: F32s) F32s {
     const x = clampVec(x_in, -87.0, 88.0);
-    const n = @floor(x * @as(F32s, @splat(1.44269504088896341)) + @as(F32s, @splat(0.5)));
+    const rm: F32s = @splat(round_magic);
+    const n = (x * @as(F32s, @splat(1.44269504088896341)) + rm) - rm; // rounded half to even
     var r = x - n * @as(F32s, @splat(0.693359375));
     r = r - n * @as(F32s, @splat(-2.12194440e-4));
     var p: F32s = @splat(1.9875691500e-4);
@@ -923,7 +929,7 @@ fn quantize(q: []i8, scales: []f32, x: []const f32, gs: usize) void {
 /// AMD Zen 3 (AVX2), 1.04-1.10x four adjacent rows with software prefetch on
 /// Zen 4 (AVX-512). Under WebAssembly two: four V16 sums do not fit in
 /// wasmtime's registers.
-const f32_streams = if (builtin.cpu.arch.isWasm()) 2 else 4;
+const f32_streams = 4;
 
 /// fp32 rows [lo, hi) of out = W x (W is rows × x.len).
 fn matmulF32(out: []f32, x: []const f32, w: []const f32, lo: usize, hi: usize) void {
@@ -953,7 +959,9 @@ const I32x8 = @Vector(8, i32);
 /// group, eight exact integer sums (byte j of the group into lane
 /// (j % 32) / 4); lane l of eight float sums gains sum_l · (w_scale ·
 /// x_scale); they fold as fold8.
-fn q8Row(xq: []const i8, xs: []const f32, wr: []const i8, ws: []const f32, gs: usize) f32 {
+/// (noinline: inlined into matmulQ8, its code made WebAssembly's kernel beside
+/// it run at half speed under wasmtime)
+noinline fn q8Row(xq: []const i8, xs: []const f32, wr: []const i8, ws: []const f32, gs: usize) f32 {
     var acc: F32x8 = @splat(0);
     for (ws, xs, 0..) |w_scale, x_scale, g| {
         const xg = xq[g * gs ..][0..gs];
@@ -1000,56 +1008,53 @@ extern fn @"llvm.x86.avx512.vpdpbusd.256"(acc: I32x8, a: I32x8, b: I32x8) I32x8;
 
 const has_simd128 = builtin.cpu.arch.isWasm() and
     std.Target.wasm.featureSetHas(builtin.cpu.features, .simd128);
-const I16x8 = @Vector(8, i16);
 const I32x4 = @Vector(4, i32);
-/// WebAssembly's i32x4.dot_i16x8_s: products of i16 lanes, adjacent pairs summed.
-extern fn @"llvm.wasm.dot"(a: I16x8, b: I16x8) I32x4;
 
-/// 16 int8 values as two i16x8 vectors, bytes 0,1,4,5,8,9,12,13 and
-/// 2,3,6,7,10,11,14,15: dot_i16x8 of each pair sums adjacent bytes, so the two
-/// dots' lanes added hold bytes 4i..4i+3, the lanes of q8Row.
-inline fn loadPaired(s: []const i8, i: usize) [2]I16x8 {
-    const v: @Vector(16, i8) = s[i..][0..16].*;
-    const a: @Vector(8, i8) = @shuffle(i8, v, undefined, [8]i32{ 0, 1, 4, 5, 8, 9, 12, 13 });
-    const b: @Vector(8, i8) = @shuffle(i8, v, undefined, [8]i32{ 2, 3, 6, 7, 10, 11, 14, 15 });
-    return .{ a, b };
-}
+const I8x16 = @Vector(16, i8);
+const has_relaxed = has_simd128 and std.Target.wasm.featureSetHas(builtin.cpu.features, .relaxed_simd);
+/// Relaxed SIMD's dot product: each i32 lane of c gains the sum of four
+/// products of signed bytes of a and bytes of b, which must be 0..127 (then
+/// every engine computes the same integers: the pair sums stay within i16).
+extern fn @"llvm.wasm.relaxed.dot.i8x16.i7x16.add.signed"(a: I8x16, b: I8x16, c: I32x4) I32x4;
 
-inline fn quadDot(x: [2]I16x8, w: [2]I16x8) I32x4 {
-    return @"llvm.wasm.dot"(x[0], w[0]) + @"llvm.wasm.dot"(x[1], w[1]);
-}
+/// Streams of the WebAssembly int8 kernel: four, as the fp32 kernel.
+const q8_wasm_streams = 4;
 
-/// The int8 kernel for WebAssembly SIMD128, for group sizes that are
-/// multiples of 16: four streams (a quarter of the rows each, as the fp32
-/// kernel) share each load of x: 1.6x four adjacent rows at 15M under
-/// wasmtime. Returns the first row not done.
-fn matmulQ8Simd128(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) usize {
+/// The int8 kernel for WebAssembly with relaxed SIMD, for group sizes that
+/// are multiples of 32, as run.c's AVX2 kernel: |x| is the 0..127 side and
+/// x's sign moves onto w; each lane of a dot sums four adjacent bytes, so the
+/// two dots of every 32 bytes are q8Row's lanes 0-3 and 4-7. Streams (a part
+/// of the rows each, as the fp32 kernel) share each load of x. Returns the
+/// first row not done.
+fn matmulQ8Relaxed(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []const f32, gs: usize, lo: usize, hi: usize) usize {
+    const S = q8_wasm_streams;
     const n = xq.len;
     const ng = n / gs;
-    const q = (hi - lo) / 4;
+    const q = (hi - lo) / S;
     for (lo..lo + q) |r| {
-        var acc: [4]F32x8 = @splat(@splat(0));
+        var acc: [S]F32x8 = @splat(@splat(0));
         for (0..ng) |g| {
-            var d: [4][2]I32x4 = @splat(@splat(@splat(0))); // lanes 0-3 and 4-7
+            var d: [S][2]I32x4 = @splat(@splat(@splat(0))); // lanes 0-3 and 4-7
             var j = g * gs;
-            const end = j + gs;
-            while (j < end) : (j += 32) {
-                const x0 = loadPaired(xq, j);
-                const x1 = if (j + 16 < end) loadPaired(xq, j + 16) else undefined;
-                inline for (&d, 0..) |*dk, k| {
-                    const row = (r + k * q) * n;
-                    dk[0] += quadDot(x0, loadPaired(wq, row + j));
-                    if (j + 16 < end) dk[1] += quadDot(x1, loadPaired(wq, row + j + 16));
+            while (j < (g + 1) * gs) : (j += 32) {
+                inline for (0..2) |half| {
+                    const xv: I8x16 = xq[j + 16 * half ..][0..16].*;
+                    const sign = xv >> @splat(7); // -1 where x < 0
+                    const ax: I8x16 = @bitCast(@abs(xv));
+                    inline for (&d, 0..) |*dk, k| {
+                        const wv: I8x16 = wq[(r + k * q) * n + j + 16 * half ..][0..16].*;
+                        dk[half] = @"llvm.wasm.relaxed.dot.i8x16.i7x16.add.signed"((wv ^ sign) -% sign, ax, dk[half]);
+                    }
                 }
             }
             inline for (&acc, d, 0..) |*a, dk, k| {
-                const di: I32x8 = @shuffle(i32, dk[0], dk[1], [8]i32{ 0, 1, 2, 3, -1, -2, -3, -4 });
-                a.* += @as(F32x8, @floatFromInt(di)) * @as(F32x8, @splat(ws[(r + k * q) * ng + g] * xs[g]));
+                const lanes: I32x8 = @shuffle(i32, dk[0], dk[1], [8]i32{ 0, 1, 2, 3, -1, -2, -3, -4 });
+                a.* += @as(F32x8, @floatFromInt(lanes)) * @as(F32x8, @splat(ws[(r + k * q) * ng + g] * xs[g]));
             }
         }
         inline for (acc, 0..) |a, k| out[r + k * q] = fold8(a);
     }
-    return lo + 4 * q;
+    return lo + S * q;
 }
 
 const has_avx2 = builtin.cpu.arch == .x86_64 and
@@ -1118,8 +1123,8 @@ fn matmulQ8(out: []f32, xq: []const i8, xs: []const f32, wq: []const i8, ws: []c
         while (r < lo + q) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 4, q, 4);
         r = lo + 4 * q;
         while (r < hi) : (r += 1) q8RowsAvx2(out, xq, xs, wq, ws, gs, r, 1, 1, 4);
-    } else if (has_simd128 and gs % 16 == 0) {
-        r = matmulQ8Simd128(out, xq, xs, wq, ws, gs, lo, hi);
+    } else if (has_relaxed and gs % 32 == 0) {
+        r = matmulQ8Relaxed(out, xq, xs, wq, ws, gs, lo, hi);
     }
     while (r < hi) : (r += 1) out[r] = q8Row(xq, xs, wq[r * n ..][0..n], ws[r * ng ..][0..ng], gs);
 }
@@ -1776,24 +1781,18 @@ fn argmax(p: []const f32) u32 {
     return if (i < p.len) @intCast(i) else 0; // all NaN
 }
 
-/// Softmax for sampling, as llama2.c's (and run.c's) to the bit: the largest
-/// value, e^(x - max) as the C library's expf with the sum taken in index
-/// order, then each divided by the sum. (Attention keeps `softmax`: faster,
-/// and no sampling order depends on its last bits.)
+/// Softmax for sampling, as llama2.c's (and run.c's): the largest value,
+/// e^(x - max) as glibc's expf, the sum in sum16's order (as llama2.c's -Ofast
+/// builds vectorise it), then each divided by the sum. (Attention keeps
+/// `softmax`: faster, and no sampling order depends on its last bits.)
 fn probabilities(x: []f32) void {
     const max = largest(x);
     const H = @Vector(f64_lanes, f32);
-    var sum: f32 = 0;
     var i: usize = 0;
-    while (i + f64_lanes <= x.len) : (i += f64_lanes) {
-        const e = expLibc(f64_lanes, @as(H, x[i..][0..f64_lanes].*) - @as(H, @splat(max)));
-        x[i..][0..f64_lanes].* = e;
-        inline for (0..f64_lanes) |k| sum += e[k];
-    }
-    for (x[i..]) |*v| {
-        v.* = expLibc(1, @splat(v.* - max))[0];
-        sum += v.*;
-    }
+    while (i + f64_lanes <= x.len) : (i += f64_lanes)
+        x[i..][0..f64_lanes].* = expLibc(f64_lanes, @as(H, x[i..][0..f64_lanes].*) - @as(H, @splat(max)));
+    for (x[i..]) |*v| v.* = expLibc(1, @splat(v.* - max))[0];
+    const sum = sum16(x);
     const d: F32s = @splat(sum);
     i = 0;
     while (i + f32_lanes <= x.len) : (i += f32_lanes) x[i..][0..f32_lanes].* = load(x, i) / d;
@@ -2708,7 +2707,7 @@ test "expLibc: glibc's expf bits, unfused" {
     }
 }
 
-test "probabilities: e^(x - max) summed in index order, then divided by the sum" {
+test "probabilities: e^(x - max) summed (under 16: in index order), then divided by the sum" {
     // e^0, e^-1, e^-0.5 as glibc's expf has them (the test above), then f32 sums in order
     const e0: f32 = 1;
     const e1: f32 = @bitCast(@as(u32, 0x3ebc5ab2));

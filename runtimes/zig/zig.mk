@@ -1,11 +1,11 @@
 # Zig port of the runtime (runtimes/zig/run.zig), native and WASI. The compiler (PyPI
 # `ziglang`) and wasmtime come from requirements-web.txt and go into .venv on first use.
 #   make runzig   ./runzig, native, same command line as ./run
-#   make wasm     run.wasm, wasm32-wasi with SIMD128 (run it with wasmtime)
+#   make wasm     run.wasm, wasm32-wasi with SIMD128 and relaxed SIMD (run it with wasmtime)
 ZIG        = $(PY) -m ziglang
 ZIG_DIR    = runtimes/zig
 WEB_STAMP  = $(VENV)/.web-installed
-ZIG_WASM   = -O ReleaseFast -fstrip -mcpu=generic+simd128
+ZIG_WASM   = -O ReleaseFast -fstrip -mcpu=generic+simd128+relaxed_simd
 
 .PHONY: wasm
 
