@@ -92,14 +92,14 @@ BUILDS = [
     # the Zig port (make runzig: threads as OMP_NUM_THREADS) and its WASI build (make wasm) under
     # wasmtime, in-process from Python, 1 thread
     ("run.zig", "zig-port", "-O ReleaseFast"),
-    ("run.wasm-wasmtime", "wasm", "-O ReleaseFast -mcpu=generic+simd128 -target wasm32-wasi"),
+    ("run.wasm-wasmtime", "wasm", "-O ReleaseFast -mcpu=generic+simd128+relaxed_simd -target wasm32-wasi"),
     # the browser page (make web-build) in headless Chromium through Playwright: its own tok/s;
     # at 2 threads with its threaded module (WEB_THREADS) and a helper Web Worker
-    ("web-chromium", "web", "-O ReleaseFast -mcpu=generic+simd128 -target wasm32-freestanding"),
+    ("web-chromium", "web", "-O ReleaseFast -mcpu=generic+simd128+relaxed_simd -target wasm32-freestanding"),
 ]
 # the browser's threaded module: atomics and a shared memory that the page creates and hands to its helpers
-WEB_THREADS = ("-mcpu=generic+simd128+atomics+bulk_memory -fno-single-threaded --import-memory --shared-memory "
-               "--initial-memory=16777216 --max-memory=4294967296")
+WEB_THREADS = ("-mcpu=generic+simd128+relaxed_simd+atomics+bulk_memory -fno-single-threaded --import-memory "
+               "--shared-memory --initial-memory=16777216 --max-memory=4294967296")
 QUICK_BUILDS = ["gcc-O3", "gcc-Ofast-native-omp", "clang-Ofast-native-omp", "zig-O3-fast-native",
                 "zig-x86_64-musl-static", "zig-aarch64-musl-static", "run.zig", "run.wasm-wasmtime", "web-chromium"]
 PRECISIONS = {"fp32": (1, "f32"), "int8": (2, "q8_0")}  # ours: model.bin version; llama.cpp: GGUF type
@@ -129,8 +129,8 @@ FLAG_NOTES = [
      "run.zig: @Vector SIMD for the host CPU (LLVM), the same int8 kernels as run.c through LLVM's"
      " VNNI / AVX2 intrinsics, std.Thread workers"),
     ("WebAssembly vs native C", "gcc-Ofast-native-omp", "run.wasm-wasmtime",
-     "run.zig built for wasm32-wasi with SIMD128 (128-bit vectors, no FMA, no prefetch, no integer dot"
-     " product finer than i16 pairs), JIT-compiled by wasmtime"),
+     "run.zig built for wasm32-wasi with SIMD128 and relaxed SIMD (128-bit vectors, no FMA, no prefetch),"
+     " JIT-compiled by wasmtime"),
     ("Chromium vs native C", "gcc-Ofast-native-omp", "web-chromium",
      "the browser page's module (run.zig through run_web.zig, SIMD128) in headless Chromium's V8, in a Web Worker"),
 ]

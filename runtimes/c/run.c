@@ -525,9 +525,21 @@ static int check_tensor(const float *p, uint64_t n, const char *tensor, int laye
     return -1;
 }
 
+/* 0, or -1 naming the tensor when its int8 values hold -128: Q8_0 writes -127..127, and the
+ * vector kernels move x's sign onto w, where -128 would stay -128 (docs/formats.md) */
+static int check_int8(const int8_t *q, uint64_t n, const char *tensor, int layer, const char *name) {
+    const int8_t *bad = memchr(q, 0x80, n);
+    if (!bad) return 0;
+    char where[32] = "";
+    if (layer >= 0) snprintf(where, sizeof where, " of layer %d", layer);
+    set_err("%s: %s%s: int8 value -128 in its weights (element %llu); Q8_0 values are -127..127", name, tensor,
+            where, (unsigned long long)(bad - q));
+    return -1;
+}
+
 static int check_matrix(const Mat *m, uint64_t numel, const char *tensor, int layer, const char *name) {
-    return m->q ? check_tensor(m->s, numel / m->gs, tensor, layer, 1, name)
-                : check_tensor(m->f, numel, tensor, layer, 0, name);
+    if (!m->q) return check_tensor(m->f, numel, tensor, layer, 0, name);
+    return check_tensor(m->s, numel / m->gs, tensor, layer, 1, name) || check_int8(m->q, numel, tensor, layer, name) ? -1 : 0;
 }
 
 /* Refuse a file whose numbers are not all finite, before they reach the forward pass: the

@@ -341,7 +341,15 @@ fn checkTensor(p: []const f32, tensor: []const u8, layer: ?usize, scales: bool, 
 fn checkMatrix(m: Matrix, tensor: []const u8, layer: ?usize, name: []const u8, diag: *Diagnostic) Error!void {
     switch (m) {
         .f32 => |w| try checkTensor(w, tensor, layer, false, name, diag),
-        .q8 => |w| try checkTensor(w.s, tensor, layer, true, name, diag),
+        .q8 => |w| {
+            try checkTensor(w.s, tensor, layer, true, name, diag);
+            // Q8_0 writes -127..127; the vector kernels move x's sign onto w,
+            // where -128 would stay -128 (as run.c)
+            const i = std.mem.indexOfScalar(i8, w.q, -128) orelse return;
+            var buf: [32]u8 = undefined;
+            const where = if (layer) |l| std.fmt.bufPrint(&buf, " of layer {d}", .{l}) catch "" else "";
+            return diag.fail(error.BadModel, "{s}: {s}{s}: int8 value -128 in its weights (element {d}); Q8_0 values are -127..127", .{ name, tensor, where, i });
+        },
     }
 }
 

@@ -172,8 +172,9 @@ def test_sampling_matches_llama2c(rt, work):
 # (model, steps): trained models in fp32 and int8, where a difference in the last bits of a
 # logit is most likely to show; ids compared greedy and sampled, at 1 and 2 threads. The demo
 # preset's model is trained once per session (tests/conftest.py), so not in `make test-fast`.
+SLOW = pytest.mark.slow
 TRAINED = [("stories260k", 256), ("stories260k_v2", 256),
-           pytest.param("trained", 255, marks=pytest.mark.slow), pytest.param("trained_v2", 255, marks=pytest.mark.slow)]
+           pytest.param("trained", 255, marks=SLOW), pytest.param("trained_v2", 255, marks=SLOW)]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -318,6 +319,8 @@ MODEL_CASES = [
     ("v2_group_zero", "v2.bin", [(37, "<i", 0)], None, b"", ["group size 0"]),
     ("v2_group_negative", "v2.bin", [(37, "<i", -32)], None, b"", ["group size -32"]),
     ("v2_group_mismatch_size", "v2.bin", [(37, "<i", 16)], None, b"", ["needs"]),
+    # the first int8 weight of TINY's v2, after the 256-byte header and the norms (2 x 2 x 64 + 64 floats)
+    ("v2_int8_minus_128", "v2.bin", [(256 + 4 * 320, "<b", -128)], None, b"", ["-128", "embedding"]),
 ]
 
 

@@ -10,7 +10,7 @@ from tests.runtimes.test_zig import zig_test_count, zig_tests
 
 pytestmark = pytest.mark.slow
 wasmtime = pytest.importorskip("wasmtime")
-WASM_TESTS = zig_tests("-target", "wasm32-wasi", "-mcpu=generic+simd128")
+WASM_TESTS = zig_tests("-target", "wasm32-wasi", "-mcpu=generic+simd128+relaxed_simd")
 BUILDS = [WASM_TESTS]
 
 
