@@ -515,13 +515,19 @@ static int map_weights(Transformer *t, const unsigned char *data, size_t size, c
 
 /* 0, or -1 naming the tensor when n floats from p hold a NaN or infinity: in its weights,
  * or (`scales`) in the scales of its int8 groups; in layer `layer` (< 0: not a layer's). */
+/* " of layer N" for a layer's tensor (layer >= 0), else "" */
+static const char *layer_suffix(char where[32], int layer) {
+    where[0] = '\0';
+    if (layer >= 0) snprintf(where, 32, " of layer %d", layer);
+    return where;
+}
+
 static int check_tensor(const float *p, uint64_t n, const char *tensor, int layer, int scales, const char *name) {
     const uint64_t i = first_nonfinite(p, n);
     if (i == n) return 0;
-    char where[32] = "";
-    if (layer >= 0) snprintf(where, sizeof where, " of layer %d", layer);
-    set_err("%s: %s%s: NaN or infinity in its %s (%s %llu)", name, tensor, where, scales ? "scales" : "weights",
-            scales ? "group" : "element", (unsigned long long)i);
+    char where[32];
+    set_err("%s: %s%s: NaN or infinity in its %s (%s %llu)", name, tensor, layer_suffix(where, layer),
+            scales ? "scales" : "weights", scales ? "group" : "element", (unsigned long long)i);
     return -1;
 }
 
@@ -530,16 +536,16 @@ static int check_tensor(const float *p, uint64_t n, const char *tensor, int laye
 static int check_int8(const int8_t *q, uint64_t n, const char *tensor, int layer, const char *name) {
     const int8_t *bad = memchr(q, 0x80, n);
     if (!bad) return 0;
-    char where[32] = "";
-    if (layer >= 0) snprintf(where, sizeof where, " of layer %d", layer);
+    char where[32];
     set_err("%s: %s%s: int8 value -128 in its weights (element %llu); Q8_0 values are -127..127", name, tensor,
-            where, (unsigned long long)(bad - q));
+            layer_suffix(where, layer), (unsigned long long)(bad - q));
     return -1;
 }
 
 static int check_matrix(const Mat *m, uint64_t numel, const char *tensor, int layer, const char *name) {
     if (!m->q) return check_tensor(m->f, numel, tensor, layer, 0, name);
-    return check_tensor(m->s, numel / m->gs, tensor, layer, 1, name) || check_int8(m->q, numel, tensor, layer, name) ? -1 : 0;
+    if (check_tensor(m->s, numel / m->gs, tensor, layer, 1, name)) return -1;
+    return check_int8(m->q, numel, tensor, layer, name);
 }
 
 /* Refuse a file whose numbers are not all finite, before they reach the forward pass: the

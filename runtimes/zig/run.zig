@@ -334,8 +334,13 @@ fn firstNonFinite(p: []const f32) ?usize {
 fn checkTensor(p: []const f32, tensor: []const u8, layer: ?usize, scales: bool, name: []const u8, diag: *Diagnostic) Error!void {
     const i = firstNonFinite(p) orelse return;
     var buf: [32]u8 = undefined;
-    const where = if (layer) |l| std.fmt.bufPrint(&buf, " of layer {d}", .{l}) catch "" else "";
-    return diag.fail(error.BadModel, "{s}: {s}{s}: NaN or infinity in its {s} ({s} {d})", .{ name, tensor, where, if (scales) "scales" else "weights", if (scales) "group" else "element", i });
+    return diag.fail(error.BadModel, "{s}: {s}{s}: NaN or infinity in its {s} ({s} {d})", .{ name, tensor, layerSuffix(&buf, layer), if (scales) "scales" else "weights", if (scales) "group" else "element", i });
+}
+
+/// " of layer N" for a layer's tensor, else ""
+fn layerSuffix(buf: *[32]u8, layer: ?usize) []const u8 {
+    const l = layer orelse return "";
+    return std.fmt.bufPrint(buf, " of layer {d}", .{l}) catch "";
 }
 
 fn checkMatrix(m: Matrix, tensor: []const u8, layer: ?usize, name: []const u8, diag: *Diagnostic) Error!void {
@@ -347,8 +352,7 @@ fn checkMatrix(m: Matrix, tensor: []const u8, layer: ?usize, name: []const u8, d
             // where -128 would stay -128 (as run.c)
             const i = std.mem.indexOfScalar(i8, w.q, -128) orelse return;
             var buf: [32]u8 = undefined;
-            const where = if (layer) |l| std.fmt.bufPrint(&buf, " of layer {d}", .{l}) catch "" else "";
-            return diag.fail(error.BadModel, "{s}: {s}{s}: int8 value -128 in its weights (element {d}); Q8_0 values are -127..127", .{ name, tensor, where, i });
+            return diag.fail(error.BadModel, "{s}: {s}{s}: int8 value -128 in its weights (element {d}); Q8_0 values are -127..127", .{ name, tensor, layerSuffix(&buf, layer), i });
         },
     }
 }

@@ -200,12 +200,13 @@ class Cli(Runtime):
     exe: str = ""  # a make target's output, relative to the project root
     own_file: str = ""  # or: a make target whose recipe writes ./run, built into a file of its own
     march: str = ""  # builds own_file's recipe for this CPU instead of -march=native
+    cpu_flag: str = ""  # a /proc/cpuinfo flag the build needs to run here (else its cases skip)
     env: dict[str, str] = field(default_factory=dict)
     _path: Path | None = None  # own_file's build
 
     def build(self):
-        if self.march == "haswell" and "avx2" not in Path("/proc/cpuinfo").read_text():
-            pytest.skip(f"{self.name}: this CPU has no AVX2")
+        if self.cpu_flag and self.cpu_flag not in Path("/proc/cpuinfo").read_text().split():
+            pytest.skip(f"{self.name}: this CPU has no {self.cpu_flag}")
         super().build()
         if self.own_file:
             self._path = self.file_build().path()
@@ -432,7 +433,7 @@ RUNTIMES = [
     Cli("c-ofast", "run.c, gcc -Ofast, portable x86-64 (make runfast's recipe)", own_file="runfast", slow=True,
         error_prefix=b"run: "),
     Cli("c-avx2", "run.c, make runomp's recipe for AVX2 CPUs (-march=haswell): 256-bit kernels, no VNNI",
-        own_file="runomp", march="haswell", slow=True, error_prefix=b"run: "),
+        own_file="runomp", march="haswell", cpu_flag="avx2", slow=True, error_prefix=b"run: "),
     Cli("zig", "run.zig, ReleaseFast, native (make runzig)", targets=("runzig",), exe="runzig", slow=True,
         error_prefix=b"runzig: "),
     Wasi("wasi", "run.zig for wasm32-wasi with SIMD128 (make wasm), under wasmtime", targets=("run.wasm",),
